@@ -1,0 +1,35 @@
+# kdbench: `make demo` runs the whole study on the tiny preset; `make test` runs the suite.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+PRESET ?= tiny
+
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
+
+.PHONY: install demo test ui clean
+
+# Re-install when the project's dependencies change; torch is pinned in pyproject (CPU wheel).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	$(BIN)/kdbench demo --preset $(PRESET)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+ui: $(STAMP)
+	mkdir -p $(DAGSTER_HOME)
+	PATH=$(CURDIR)/$(BIN):$$PATH scripts/ui.sh
+
+clean:
+	rm -rf artifacts ray_results .dagster mlflow.db
+	find mlruns -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

@@ -1,0 +1,45 @@
+"""The study's grid: every group x every seed, one Ray Tune run of `train_student`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from distill_core.config import ExperimentConfig
+from distill_core.training import train_student
+
+
+def param_space(cfg: ExperimentConfig, **paths) -> dict:
+    """Tune's param_space: the config as plain JSON, the paths a trial reads and writes, and
+    the grid over groups and seeds (`paths`: cache_dirs, teacher_dir, student_tokenizer_dir,
+    output_dir, cache_version, code_version, mlflow)."""
+    from ray import tune
+
+    return {"experiment": cfg.model_dump(mode="json"), **paths,
+            "group": tune.grid_search(list(cfg.distill.groups)),
+            "seed": tune.grid_search(cfg.seeds)}
+
+
+def run_grid(cfg: ExperimentConfig, storage_dir: Path, run_name: str, space: dict,
+             max_failures: int = 1):
+    """Fit the grid; an interrupted run of the same `run_name` is resumed, not restarted.
+    Returns Tune's ResultGrid."""
+    from ray import tune
+
+    trainable = tune.with_resources(train_student, dict(cfg.distill.resources_per_trial))
+    storage_dir = Path(storage_dir).resolve()
+    experiment_dir = storage_dir / run_name
+    if tune.Tuner.can_restore(str(experiment_dir)):
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable,
+                                   resume_unfinished=True, restart_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(reuse_actors=False),
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=str(storage_dir), verbose=0,
+                failure_config=tune.FailureConfig(max_failures=max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            ),
+        )
+    return tuner.fit()

@@ -1,0 +1,82 @@
+"""Llama-architecture models: built from a preset's sizes, or loaded from a hub id / local dir.
+
+Loading is safetensors-only and never runs remote code: a checkpoint is data, not a program.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from distill_core.config import ModelConfig
+
+
+def llama_config(cfg: ModelConfig, tokenizer, max_length: int) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+
+
+def init_model(cfg: ModelConfig, tokenizer, max_length: int, seed: int) -> LlamaForCausalLM:
+    """A freshly initialised model; the same seed gives the same weights."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        return LlamaForCausalLM(llama_config(cfg, tokenizer, max_length)).float()
+    finally:
+        torch.random.set_rng_state(generator_state)
+
+
+def load_causal_lm(source: str | Path, revision: str | None = None, dtype=torch.float32):
+    """An HF causal LM from a local dir or hub id, safetensors only."""
+    path = Path(source)
+    if path.exists() and not any(path.glob("*.safetensors")):
+        raise FileNotFoundError(f"{path}: no *.safetensors weights in this model directory")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(source), revision=revision, dtype=dtype, use_safetensors=True,
+        trust_remote_code=False, attn_implementation="sdpa",
+    )
+    return model.eval()
+
+
+def load_tokenizer(source: str | Path, revision: str | None = None):
+    tok = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=False)
+    if not tok.is_fast:
+        raise ValueError(f"{source}: a fast tokenizer (with offsets) is required")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+
+def load_lm_head(model_dir: str | Path) -> torch.nn.Linear:
+    """Only the output projection of a saved model (for rebuilding its logits from cached
+    hidden states), read from its safetensors without loading the rest."""
+    import json
+
+    from safetensors import safe_open
+
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    key = "model.embed_tokens.weight" if config.get("tie_word_embeddings") else "lm_head.weight"
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            if key in f.keys():
+                weight = f.get_tensor(key).float()
+                head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+                head.weight.data.copy_(weight)
+                return head.requires_grad_(False).eval()
+    raise FileNotFoundError(f"{model_dir}: no {key} in its safetensors files")

@@ -1,0 +1,202 @@
+"""Comparison of the distillation groups, per task, with pingouin.
+
+Seeds pair the groups (seed s: same student init, projector init and data order in every
+group), so the tests are within-subject with seed as the subject:
+- repeated-measures ANOVA over groups;
+- each other group against the baseline (`black_box`): paired t-test, Holm-corrected across
+  the comparisons of a task, Hedges' g, and the 95% CI of the mean paired difference.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pingouin as pg
+from scipy import stats
+
+ALPHA = 0.05
+
+
+def _mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    if len(values) < 2:
+        return (float("nan"), float("nan"))
+    half = stats.t.ppf((1 + confidence) / 2, len(values) - 1) * stats.sem(values)
+    return (float(values.mean() - half), float(values.mean() + half))
+
+
+def summarize(students: pd.DataFrame) -> pd.DataFrame:
+    """Per task and group: n seeds, mean, sd and the t-based 95% CI of the mean accuracy."""
+    rows = []
+    for (task, group), frame in students.groupby(["task", "group"], sort=False):
+        acc = frame["accuracy"].to_numpy(dtype=float)
+        low, high = _mean_ci(acc)
+        rows.append({"task": task, "group": group, "n": len(acc), "mean": acc.mean(),
+                     "sd": acc.std(ddof=1) if len(acc) > 1 else float("nan"),
+                     "ci_low": low, "ci_high": high})
+    return pd.DataFrame(rows)
+
+
+def rm_anova(frame: pd.DataFrame) -> dict:
+    """Repeated-measures ANOVA of accuracy over groups, seed as subject, for one task."""
+    out = {"F": float("nan"), "ddof1": float("nan"), "ddof2": float("nan"),
+           "p_unc": float("nan"), "ng2": float("nan")}
+    if frame["group"].nunique() < 2 or frame["seed"].nunique() < 2:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = pg.rm_anova(data=frame, dv="accuracy", within="group", subject="seed", detailed=True)
+    effect, error = res.iloc[0], res.iloc[1]
+    nan = float("nan")  # pingouin drops the columns it cannot compute (no variance)
+    out.update(F=float(effect.get("F", nan)), ddof1=float(effect["DF"]), ddof2=float(error["DF"]),
+               p_unc=float(effect.get("p_unc", nan)), ng2=float(effect.get("ng2", nan)))
+    return out
+
+
+def paired_vs_baseline(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
+    """Every group of one task against `baseline`, paired by seed, Holm-corrected."""
+    wide = frame.pivot(index="seed", columns="group", values="accuracy").dropna()
+    others = [g for g in frame["group"].unique() if g != baseline]
+    rows = []
+    for group in others:
+        x, y = wide[group].to_numpy(float), wide[baseline].to_numpy(float)
+        diff = x - y
+        row = {"group": group, "baseline": baseline, "n_pairs": len(diff),
+               "mean_diff": diff.mean(), "ci_low": float("nan"), "ci_high": float("nan"),
+               "t": float("nan"), "p_unc": float("nan"), "hedges_g": float("nan")}
+        if len(diff) >= 2 and np.ptp(diff) > 0:
+            res = pg.ttest(x, y, paired=True).iloc[0]
+            row.update(t=float(res["T"]), p_unc=float(res["p_val"]),
+                       ci_low=float(res["CI95"][0]), ci_high=float(res["CI95"][1]),
+                       hedges_g=float(pg.compute_effsize(x, y, paired=True, eftype="hedges")))
+        elif len(diff) >= 2:  # identical differences: no variance, no test
+            row.update(ci_low=diff.mean(), ci_high=diff.mean())
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if table.empty:
+        return table
+    testable = table["p_unc"].notna()
+    table["p_holm"] = float("nan")
+    if testable.any():
+        _, corrected = pg.multicomp(table.loc[testable, "p_unc"].to_numpy(), method="holm")
+        table.loc[testable, "p_holm"] = corrected
+    table["significant"] = table["p_holm"] < ALPHA
+    return table
+
+
+def compare_groups(students: pd.DataFrame, baseline: str = "black_box") -> dict[str, pd.DataFrame]:
+    """students: one row per (task, group, seed) with `accuracy`.
+    Returns {"summary", "anova", "pairwise"} tables covering every task."""
+    summary = summarize(students)
+    anova, pairwise = [], []
+    for task, frame in students.groupby("task", sort=False):
+        anova.append({"task": task, **rm_anova(frame)})
+        if baseline in set(frame["group"]):
+            pairs = paired_vs_baseline(frame, baseline)
+            pairs.insert(0, "task", task)
+            pairwise.append(pairs)
+    return {"summary": summary, "anova": pd.DataFrame(anova),
+            "pairwise": pd.concat(pairwise, ignore_index=True) if pairwise else pd.DataFrame()}
+
+
+def verdict(task: str, anova: dict, pairs: pd.DataFrame) -> str:
+    if np.isnan(anova["p_unc"]):
+        head = f"{task}: the ANOVA is not computable (no variance across seeds or groups)."
+    elif anova["p_unc"] < ALPHA:
+        head = f"{task}: the groups differ (rm-ANOVA F={anova['F']:.2f}, p={anova['p_unc']:.3g})."
+    else:
+        head = (f"{task}: no significant difference between groups "
+                f"(rm-ANOVA F={anova['F']:.2f}, p={anova['p_unc']:.3g}).")
+    details = []
+    for _, r in pairs.iterrows():
+        if r["significant"]:
+            word = "better" if r["mean_diff"] > 0 else "worse"
+            details.append(f"{r['group']} is {word} than {r['baseline']} by {r['mean_diff']:+.3f} "
+                           f"(Holm p={r['p_holm']:.3g}, g={r['hedges_g']:.2f})")
+        else:
+            details.append(f"{r['group']} vs {r['baseline']}: no significant difference "
+                           f"({r['mean_diff']:+.3f})")
+    return head + (" " + "; ".join(details) + "." if details else "")
+
+
+def _fmt(value) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if isinstance(value, (float, np.floating)):
+        return "—" if np.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(none)\n"
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(students: pd.DataFrame, references: pd.DataFrame, out_dir: Path,
+                 title: str, baseline: str = "black_box") -> dict:
+    """Markdown + CSV + PNG of the comparison. references: rows (model, task, accuracy) for the
+    teacher and the untrained student. Returns paths, the tables and the verdicts."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tables = compare_groups(students, baseline)
+    verdicts = []
+    parts = [f"# {title}\n", "Accuracy per group over seeds; seed is the pairing subject. "
+             f"Tests: repeated-measures ANOVA; each group vs `{baseline}` by paired t-test, "
+             "Holm-corrected per task; Hedges' g; 95% CI of the mean paired difference.\n"]
+    for task in students["task"].unique():
+        anova = tables["anova"].set_index("task").loc[task].to_dict()
+        pairs = tables["pairwise"][tables["pairwise"]["task"] == task] \
+            if not tables["pairwise"].empty else pd.DataFrame()
+        verdicts.append(verdict(task, anova, pairs))
+        refs = references[references["task"] == task][["model", "accuracy"]]
+        parts += [f"\n## {task}\n", f"**Verdict.** {verdicts[-1]}\n",
+                  "\n### Groups\n", markdown_table(tables["summary"][tables["summary"]["task"] == task]
+                                                   .drop(columns="task")),
+                  "\n### References\n", markdown_table(refs),
+                  "\n### Against the baseline\n",
+                  markdown_table(pairs.drop(columns="task") if not pairs.empty else pairs)]
+    markdown = "".join(parts)
+    (out_dir / "report.md").write_text(markdown)
+    for name, table in tables.items():
+        table.to_csv(out_dir / f"{name}.csv", index=False)
+    plot_path = out_dir / "accuracy.png"
+    plot_accuracy(students, references, plot_path)
+    return {"markdown": markdown, "verdicts": verdicts, "tables": tables,
+            "paths": {"report": out_dir / "report.md", "plot": plot_path,
+                      **{n: out_dir / f"{n}.csv" for n in tables}}}
+
+
+def plot_accuracy(students: pd.DataFrame, references: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(students["task"].unique())
+    groups = list(students["group"].unique())
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        frame = students[students["task"] == task]
+        for i, group in enumerate(groups):
+            acc = frame[frame["group"] == group]["accuracy"].to_numpy(float)
+            jitter = np.linspace(-0.12, 0.12, len(acc)) if len(acc) > 1 else np.zeros(1)
+            ax.scatter(i + jitter, acc, s=14, alpha=0.6)
+            low, high = _mean_ci(acc)
+            ax.errorbar(i, acc.mean(), yerr=[[acc.mean() - low], [high - acc.mean()]]
+                        if not np.isnan(low) else None, fmt="o", color="black", capsize=4)
+        for _, ref in references[references["task"] == task].iterrows():
+            ax.axhline(ref["accuracy"], linestyle="--", linewidth=1, color="gray")
+            ax.annotate(ref["model"], (len(groups) - 0.5, ref["accuracy"]), fontsize=7,
+                        color="gray", va="bottom", ha="right")
+        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+        ax.set_title(task)
+        ax.set_ylabel("accuracy")
+    fig.suptitle("accuracy per group (points: seeds; black: mean and 95% CI)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

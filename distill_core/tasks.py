@@ -1,0 +1,211 @@
+"""Unified task rows and the tiny preset's synthetic tasks.
+
+A row is a dict with `id` (stable, unique per task), `task`, `subject`, `prompt`, `answer`, and for
+multiple choice `choices` (the scored continuations) and `label` (index of the right one). The
+math task keeps the full reasoning in `answer` and the final number in `target`.
+
+The three generators imitate the shapes of SST-2 (binary sentiment with negation and mixed
+clauses), MMLU (4-way multiple choice that needs a small reasoning step) and GSM8K (multi-step
+arithmetic word problems whose answer ends ``#### N``). Everything is deterministic from a seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+
+import pandas as pd
+
+from distill_core.config import TASKS, DataConfig
+
+SST2_QUESTION = "\nQuestion: Is this sentence positive or negative?\nAnswer:"
+SST2_CHOICES = [" negative", " positive"]
+MMLU_LETTERS = ["A", "B", "C", "D"]
+FEWSHOT_SEPARATOR = "\n\n"
+
+ROW_COLUMNS = ["id", "task", "subject", "prompt", "answer", "choices", "label", "target"]
+
+
+def _row_id(task: str, split: str, text: str) -> str:
+    # Content-derived, so an id names the same example across regenerations.
+    return f"{task}-{split}-" + hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+# --- SST-2 shaped ------------------------------------------------------------------------------
+
+_SUBJECTS = ["the movie", "the film", "this story", "the acting", "the plot", "the music",
+             "the ending", "the cast", "the script", "the dialogue", "the pacing", "the director"]
+_VERBS = ["is", "was", "feels", "seemed", "remains"]
+_POSITIVE = ["good", "great", "brilliant", "moving", "charming", "delightful", "funny",
+             "beautiful", "clever", "wonderful", "sharp", "warm"]
+_NEGATIVE = ["bad", "dull", "boring", "awful", "clumsy", "tedious", "weak", "bland",
+             "messy", "painful", "flat", "cold"]
+_INTENSIFIERS = ["", "", "very ", "really ", "truly ", "rather "]
+
+
+def _clause(rng: random.Random) -> tuple[str, int]:
+    positive = rng.random() < 0.5
+    adjective = rng.choice(_POSITIVE if positive else _NEGATIVE)
+    negated = rng.random() < 0.3
+    verb = rng.choice(_VERBS)
+    neg = " not" if negated else ""
+    text = f"{rng.choice(_SUBJECTS)} {verb}{neg} {rng.choice(_INTENSIFIERS)}{adjective}"
+    return text, int(positive != negated)
+
+
+def _sst2_example(rng: random.Random) -> tuple[str, int]:
+    kind = rng.random()
+    first, label = _clause(rng)
+    if kind < 0.5:
+        return f"{first} .", label
+    second, label2 = _clause(rng)
+    if kind < 0.8:  # "X but Y": the clause after "but" decides
+        return f"{first} , but {second} .", label2
+    return f"although {first} , {second} .", label2
+
+
+def _sst2_row(rng: random.Random, split: str) -> dict:
+    sentence, label = _sst2_example(rng)
+    prompt = sentence + SST2_QUESTION
+    return {"id": _row_id("sst2", split, sentence), "task": "sst2", "subject": "sentiment",
+            "prompt": prompt, "answer": SST2_CHOICES[label], "choices": list(SST2_CHOICES),
+            "label": label, "target": None}
+
+
+# --- MMLU shaped -------------------------------------------------------------------------------
+
+_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+_ANIMALS = {"mammal": ["cat", "dog", "whale", "horse", "bat", "mouse"],
+            "bird": ["eagle", "sparrow", "owl", "penguin", "crow", "duck"],
+            "fish": ["salmon", "shark", "trout", "tuna", "cod", "carp"],
+            "insect": ["ant", "bee", "beetle", "moth", "wasp", "fly"]}
+
+
+def _mmlu_question(rng: random.Random) -> tuple[str, str, str, list[str]]:
+    """(subject, question, right option, three wrong options)."""
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randrange(10), rng.randrange(10)
+        right = a + b
+        wrong = rng.sample([n for n in range(19) if n != right], 3)
+        return "arithmetic", f"what is {a} plus {b} ?", str(right), [str(n) for n in wrong]
+    if kind == 1:
+        numbers = rng.sample(range(10), 4)
+        return ("comparison", "which number is the largest ?", str(max(numbers)),
+                [str(n) for n in numbers if n != max(numbers)])
+    if kind == 2:
+        i, k = rng.randrange(7), rng.choice([1, 2])
+        right = _DAYS[(i + k) % 7]
+        when = "tomorrow" if k == 1 else "the day after tomorrow"
+        wrong = rng.sample([d for d in _DAYS if d != right], 3)
+        return "calendar", f"if today is {_DAYS[i]} , what day is {when} ?", right, wrong
+    cls = rng.choice(sorted(_ANIMALS))
+    right = rng.choice(_ANIMALS[cls])
+    others = [c for c in sorted(_ANIMALS) if c != cls]
+    wrong = [rng.choice(_ANIMALS[c]) for c in others]
+    return "biology", f"which animal is a {cls} ?", right, wrong
+
+
+def mmlu_prompt(question: str, options: list[str]) -> str:
+    lines = [question] + [f"{letter}. {opt}" for letter, opt in zip(MMLU_LETTERS, options)]
+    return "\n".join(lines) + "\nAnswer:"
+
+
+def _mmlu_row(rng: random.Random, split: str) -> dict:
+    subject, question, right, wrong = _mmlu_question(rng)
+    label = rng.randrange(4)
+    options = list(wrong)
+    options.insert(label, right)
+    prompt = mmlu_prompt(question, options)
+    choices = [f" {letter}" for letter in MMLU_LETTERS]
+    return {"id": _row_id("mmlu", split, prompt), "task": "mmlu", "subject": subject,
+            "prompt": prompt, "answer": choices[label], "choices": choices, "label": label,
+            "target": None}
+
+
+# --- GSM8K shaped ------------------------------------------------------------------------------
+
+_NAMES = ["tom", "ana", "li", "sara", "omar", "mia", "ivan", "zoe"]
+_ITEMS = ["apples", "pens", "cards", "coins", "books", "shells"]
+
+
+def _gsm8k_row(rng: random.Random, split: str) -> dict:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b = rng.randrange(1, 10), rng.randrange(1, 10)
+    s = a + b
+    if rng.random() < 0.5:
+        c = rng.randrange(1, s + 1)
+        r = s - c
+        question = (f"{name} has {a} {item} . {name} gets {b} more and then gives away {c} . "
+                    f"how many {item} does {name} have now ?")
+        steps = f"{name} has {a} + {b} = {s} {item} . then {s} - {c} = {r} ."
+    else:
+        k = rng.randrange(2, 4)
+        r = s * k
+        question = (f"{name} has {a} {item} and buys {b} more . then the number of {item} "
+                    f"grows {k} times . how many {item} does {name} have ?")
+        steps = f"{name} has {a} + {b} = {s} {item} . then {s} * {k} = {r} ."
+    prompt = f"Question: {question}\nAnswer:"
+    return {"id": _row_id("gsm8k", split, question), "task": "gsm8k", "subject": "math",
+            "prompt": prompt, "answer": f" {steps}\n#### {r}", "choices": None, "label": None,
+            "target": str(r)}
+
+
+_GENERATORS = {"sst2": _sst2_row, "mmlu": _mmlu_row, "gsm8k": _gsm8k_row}
+
+
+def _unique_rows(task: str, split: str, n: int, rng: random.Random, taken: set[str]) -> list[dict]:
+    rows: list[dict] = []
+    for _ in range(n * 200):
+        if len(rows) == n:
+            return rows
+        row = _GENERATORS[task](rng, split)
+        key = row["prompt"]
+        if key not in taken:  # no example is in two splits, none twice in one
+            taken.add(key)
+            rows.append(row)
+    raise ValueError(f"the {task} generator cannot make {n} distinct {split} rows; lower data sizes")
+
+
+def generate_task(task: str, cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    """The `train`, `eval` and `fewshot` splits of one synthetic task, disjoint by prompt."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
+    rng = random.Random(f"{cfg.seed}-{task}")
+    taken: set[str] = set()
+    splits = {}
+    for split, n in (("fewshot", cfg.fewshot_pool_size), ("eval", cfg.eval_size[task]),
+                     ("train", cfg.train_size[task])):
+        splits[split] = pd.DataFrame(_unique_rows(task, split, n, rng, taken), columns=ROW_COLUMNS)
+    return splits
+
+
+# --- prompts -----------------------------------------------------------------------------------
+
+def fewshot_prefix(shots: list[dict]) -> str:
+    return "".join(s["prompt"] + s["answer"] + FEWSHOT_SEPARATOR for s in shots)
+
+
+def render_prompt(row: dict, shots: list[dict]) -> str:
+    """The text the model is conditioned on: k solved shots, then the row's prompt."""
+    return fewshot_prefix(shots) + row["prompt"]
+
+
+def training_shots(rows: list[dict], index: int, k: int, seed: int) -> list[dict]:
+    """k other training rows as shots for row `index`, fixed by the row's id and `seed`, so
+    training prompts have the same shape as the k-shot evaluation prompts."""
+    if k == 0:
+        return []
+    rng = random.Random(f"{seed}-{rows[index]['id']}")
+    others = [i for i in rng.sample(range(len(rows)), min(len(rows), k + 1)) if i != index][:k]
+    return [rows[i] for i in others]
+
+
+_FINAL_NUMBER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+
+
+def final_number(text: str) -> str | None:
+    """The number after ``####`` (GSM8K's answer convention), commas removed."""
+    match = _FINAL_NUMBER.search(text)
+    return match.group(1).replace(",", "") if match else None

@@ -1,0 +1,96 @@
+"""Train the tiny preset's teacher: a small Llama LM fitted to the training rows of all tasks,
+so that it knows the tasks and the student has something to learn from it.
+
+The loss is next-token CE on every token (the teacher is a language model of the task text, so
+its distributions at prompt positions carry knowledge too), with the answer tokens' mean and
+the prompt tokens' mean weighted equally: otherwise the one-token answers of the
+classification tasks are a few percent of the gradient."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from distill_core.config import ExperimentConfig
+from distill_core.encoding import encode_example, pad_batch
+from distill_core.models import init_model
+
+
+def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, loss: None):
+    """contexts: DataFrame with id, context, answer (see teacher_cache.training_contexts)."""
+    tcfg = cfg.teacher
+    model = init_model(tcfg, tokenizer, cfg.max_length, seed=tcfg.seed)
+    encoded = [encode_example(tokenizer, c, a, cfg.max_length, i)
+               for c, a, i in zip(contexts["context"], contexts["answer"], contexts["id"])]
+    generator = torch.Generator().manual_seed(tcfg.seed)
+    steps_per_epoch = math.ceil(len(encoded) / tcfg.batch_size)
+    total = steps_per_epoch * tcfg.train_epochs
+    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=0.01)
+    warmup = max(1, total // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total)))
+    model.train()
+    step, loss_value = 0, float("nan")
+    for _ in range(tcfg.train_epochs):
+        order = torch.randperm(len(encoded), generator=generator).tolist()
+        for start in range(0, len(order), tcfg.batch_size):
+            chosen = [encoded[i] for i in order[start:start + tcfg.batch_size]]
+            ids, mask = pad_batch([e.input_ids for e in chosen], tokenizer.pad_token_id)
+            answer, _ = pad_batch([e.answer_mask for e in chosen], 0)
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+            ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            is_answer, is_prompt = answer[:, 1:], mask[:, 1:] * (1 - answer[:, 1:])
+            loss = ((ce * is_answer).sum() / is_answer.sum().clamp_min(1)
+                    + (ce * is_prompt).sum() / is_prompt.sum().clamp_min(1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            step += 1
+            loss_value = loss.item()
+            if step % 20 == 0 or step == total:
+                log(step, loss_value)
+    model.eval()
+    return model, {"steps": step, "final_loss": loss_value}
+
+
+def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step, loss: None) -> dict:
+    """The teacher_model asset's work: a local HF dir holding the frozen teacher and, under
+    `student_tokenizer/`, the student's tokenizer. tiny: train the tokenizer and the teacher
+    on `train_rows` (all tasks); hub: download the pinned revision's safetensors once."""
+    import time
+    from pathlib import Path
+
+    import pandas as pd
+
+    from distill_core.storage import atomic_directory
+    from distill_core.teacher_cache import training_contexts
+    from distill_core.tokenizer_training import train_byte_level_bpe
+
+    out_dir = Path(out_dir)
+    with atomic_directory(out_dir) as tmp:
+        if cfg.teacher.source == "hub":
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(cfg.teacher.hub_id, revision=cfg.teacher.revision, local_dir=tmp,
+                              allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+            info = {"source": cfg.teacher.hub_id, "revision": cfg.teacher.revision}
+            student_tok = cfg.student.hub_id
+            from distill_core.models import load_tokenizer
+            load_tokenizer(student_tok, cfg.student.revision).save_pretrained(tmp / "student_tokenizer")
+        else:
+            contexts = training_contexts(pd.concat(train_rows, ignore_index=True))
+            tokenizer = train_byte_level_bpe(list(contexts["context"] + contexts["answer"]),
+                                             cfg.tokenizer.vocab_size)
+            started = time.perf_counter()
+            model, info = train_teacher(contexts, tokenizer, cfg, log)
+            info["train_seconds"] = round(time.perf_counter() - started, 1)
+            info["parameters"] = sum(p.numel() for p in model.parameters())
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            # One tokenizer for both models in this preset; cross-tokenizer pairs need alignment.
+            tokenizer.save_pretrained(tmp / "student_tokenizer")
+    return info

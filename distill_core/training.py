@@ -1,0 +1,224 @@
+"""train_student: the Ray Tune function trainable that distills one (group, seed) student from
+the teacher cache.
+
+Seed s fixes the student's init, the projector's init and the data order, identically for every
+group, so groups are paired by seed. The trial reports with `ray.tune.report` every
+`report_every` steps, checkpoints every `checkpoint_every` steps (safetensors only, optimizer
+state included) and resumes from `ray.tune.get_checkpoint()` when Tune restarts it. Its final
+student is a plain HF model directory that says by itself what produced it (kdbench.json).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill_core.config import ExperimentConfig
+from distill_core.encoding import pad_batch
+from distill_core.models import init_model, load_causal_lm, load_lm_head, load_tokenizer
+from distill_core.objective import Batch, distillation_loss, loss_weights
+from distill_core.storage import atomic_directory
+from distill_core.student import DistillationStudent
+from distill_core.teacher_cache import from_bf16_bytes, read_teacher_cache
+
+CHECKPOINT_META = "kdbench.json"
+
+
+class CacheData:
+    """The concatenated teacher caches of all tasks, in a fixed order, batched on demand."""
+
+    def __init__(self, cache_dirs: list[str], distill_positions: str, pad_id: int):
+        self.rows = pd.concat([read_teacher_cache(Path(d)) for d in cache_dirs], ignore_index=True)
+        self.distill_positions = distill_positions
+        self.pad_id = pad_id
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def batch(self, indices: list[int], d_teacher: int, heads: int) -> Batch:
+        rows = self.rows.iloc[indices]
+        ids, attn = pad_batch([list(r) for r in rows["input_ids"]], self.pad_id)
+        answer, _ = pad_batch([list(r) for r in rows["answer_mask"]], 0)
+        b, t = ids.shape
+        task_mask = torch.zeros_like(answer)
+        task_mask[:, :-1] = answer[:, 1:]
+        distill_mask = torch.zeros_like(attn)
+        distill_mask[:, :-1] = attn[:, 1:] if self.distill_positions == "all" else answer[:, 1:]
+        hidden = torch.zeros(b, t, d_teacher)
+        q_max = max(len(q) for q in rows["attn_queries"]) or 1
+        attention = torch.zeros(b, heads, q_max, t)
+        queries = torch.full((b, q_max), -1, dtype=torch.long)
+        for i, (n, h, q, a) in enumerate(zip(rows["n_tokens"], rows["hidden"],
+                                             rows["attn_queries"], rows["attention"])):
+            hidden[i, :n] = from_bf16_bytes(h, (n, d_teacher))
+            queries[i, : len(q)] = torch.as_tensor(q, dtype=torch.long)
+            attention[i, :, : len(q), :n] = from_bf16_bytes(a, (heads, len(q), n))
+        return Batch(ids, attn, task_mask, distill_mask, hidden, attention, queries)
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Indices of the batch at `step`: epochs are seeded permutations of range(n), so a
+    resumed trial continues exactly where it stopped."""
+    start = step * batch_size
+    out: list[int] = []
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        out.extend(order[offset: offset + batch_size - len(out)].tolist())
+    return out
+
+
+def build_student(cfg: ExperimentConfig, tokenizer, d_teacher: int, seed: int) -> DistillationStudent:
+    if cfg.student.source == "hub":
+        model = load_causal_lm(cfg.student.hub_id, cfg.student.revision)
+    else:
+        model = init_model(cfg.student, tokenizer, cfg.max_length, seed=seed)
+    torch.manual_seed(seed + 1)  # projector init: per seed, the same for every group
+    student = DistillationStudent(model, d_teacher)
+    return student.train()
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    state = optimizer.state_dict()
+    tensors = {f"{idx}.{name}": value.contiguous() for idx, slots in state["state"].items()
+               for name, value in slots.items()}
+    save_file(tensors, str(directory / "optimizer.safetensors"))
+    (directory / "optimizer.json").write_text(json.dumps(state["param_groups"]))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    tensors = load_file(str(directory / "optimizer.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    groups = json.loads((directory / "optimizer.json").read_text())
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def save_training_state(directory: Path, student: DistillationStudent, optimizer, state: dict) -> None:
+    student.model.save_pretrained(directory / "model", safe_serialization=True)
+    save_file(student.hidden_state_projector.state_dict(), str(directory / "projector.safetensors"))
+    _save_optimizer(optimizer, directory)
+    (directory / "trainer_state.json").write_text(json.dumps(state))
+
+
+def load_training_state(directory: Path, student: DistillationStudent, optimizer) -> dict:
+    weights = load_file(str(next((directory / "model").glob("*.safetensors"))))
+    student.model.load_state_dict(weights, strict=False)  # lm_head/embeddings are not tied here
+    student.hidden_state_projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
+    _load_optimizer(optimizer, directory)
+    return json.loads((directory / "trainer_state.json").read_text())
+
+
+def write_student(out_dir: Path, model, tokenizer, meta: dict) -> None:
+    """A student as a plain HF model dir (loadable with AutoModelForCausalLM) + kdbench.json
+    saying what produced it, moved into place whole."""
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2))
+
+
+def write_untrained_student(cfg: ExperimentConfig, tokenizer_dir: str, teacher_dir: str,
+                            out_dir: Path, seed: int) -> None:
+    """The student exactly as seed `seed`'s trials start: the reference for "no training"."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    d_teacher = json.loads((Path(teacher_dir) / "config.json").read_text())["hidden_size"]
+    student = build_student(cfg, tokenizer, d_teacher, seed)
+    write_student(out_dir, student.model, tokenizer, {"group": "untrained", "seed": seed})
+
+
+def train_student(config: dict) -> None:
+    """Ray Tune function trainable; `config` is built by distill_core.grid.param_space."""
+    from ray import tune
+
+    from distill_core.tracking import TrialRun
+
+    cfg = ExperimentConfig.model_validate(config["experiment"])
+    group, seed = config["group"], int(config["seed"])
+    dcfg = cfg.distill
+    torch.set_num_threads(max(1, int(dcfg.resources_per_trial.get("cpu", 1))))
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+    tokenizer = load_tokenizer(config["student_tokenizer_dir"])
+    teacher_config = json.loads((Path(config["teacher_dir"]) / "config.json").read_text())
+    d_teacher, heads = teacher_config["hidden_size"], teacher_config["num_attention_heads"]
+    teacher_head = load_lm_head(config["teacher_dir"])
+    data = CacheData(config["cache_dirs"], dcfg.distill_positions, tokenizer.pad_token_id)
+    weights = loss_weights(group, dcfg)
+
+    student = build_student(cfg, tokenizer, d_teacher, seed)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
+    warmup = max(1, dcfg.steps // 20)
+
+    def lr_factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / dcfg.steps))
+
+    start_step, run_id, metrics = 0, None, {}
+    checkpoint = tune.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_training_state(Path(d), student, optimizer)
+        start_step, run_id = state["step"], state.get("mlflow_run_id")
+        metrics = state.get("metrics", {})
+
+    mlflow_cfg = config.get("mlflow")
+    run = None
+    if mlflow_cfg and run_id:
+        run = TrialRun(mlflow_cfg["tracking_uri"], run_id)
+    elif mlflow_cfg:
+        params = {"group": group, "seed": seed, "lr": dcfg.lr, "steps": dcfg.steps,
+                  "batch_size": dcfg.batch_size, "distill_positions": dcfg.distill_positions,
+                  "cache_version": config["cache_version"], **weights.as_dict()}
+        run = TrialRun.start(mlflow_cfg["tracking_uri"], mlflow_cfg["experiment_id"],
+                             mlflow_cfg["parent_run_id"], f"{group}-seed{seed}", params,
+                             tags={"group": group, "seed": str(seed)})
+        run_id = run.run_id
+
+    window: dict[str, list[float]] = {}
+    for step in range(start_step, dcfg.steps):
+        for g in optimizer.param_groups:
+            g["lr"] = dcfg.lr * lr_factor(step)
+        batch = data.batch(batch_indices(len(data), dcfg.batch_size, seed, step), d_teacher, heads)
+        loss, terms = distillation_loss(student, teacher_head, batch, weights)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"trial {group}-seed{seed}: loss is {loss.item()} at step {step} "
+                                     f"(terms {terms}); lower distill.lr or check the teacher cache")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        for k, v in {"loss": loss.item(), **terms}.items():
+            window.setdefault(k, []).append(v)
+        done = step + 1
+        if done % dcfg.report_every == 0 or done == dcfg.steps:
+            metrics = {k: sum(v) / len(v) for k, v in window.items()}
+            window = {}
+            if run:
+                run.log_metrics(metrics, step=done)
+            report = {**metrics, "step": done, "group": group, "seed": seed}
+            if done % dcfg.checkpoint_every == 0 or done == dcfg.steps:
+                with tempfile.TemporaryDirectory() as d:
+                    save_training_state(Path(d), student, optimizer,
+                                        {"step": done, "mlflow_run_id": run_id,
+                                         "metrics": metrics})
+                    tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
+            else:
+                tune.report(report)
+
+    out_dir = Path(config["output_dir"]) / f"{group}-seed{seed}"
+    meta = {"group": group, "seed": seed, "weights": weights.as_dict(), "steps": dcfg.steps,
+            "lr": dcfg.lr, "cache_version": config["cache_version"],
+            "code_version": config["code_version"], "teacher_dir": config["teacher_dir"],
+            "final_metrics": metrics, "mlflow_run_id": run_id}
+    write_student(out_dir, student.model, tokenizer, meta)
+    if run:
+        run.log_artifacts(str(out_dir), "checkpoint")
+        run.finish()

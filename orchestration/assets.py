@@ -1,0 +1,253 @@
+"""The study's asset graph. Each asset reads its inputs' paths from lineage, calls distill_core,
+writes under a path derived from the versions that produced it, and describes the result."""
+
+
+import hashlib
+import json
+
+import dagster as dg
+import pandas as pd
+
+from distill_core import evaluation, grid, statistics, tasks, teacher_cache, teacher_training
+from distill_core.config import TASKS
+from distill_core.storage import write_parquet_atomic
+from distill_core.training import write_untrained_student
+from orchestration.lineage import dir_bytes, file_sha256, upstream
+from orchestration.partitions import task_partitions
+from orchestration.resources import ExperimentResource, MLflowResource, RayResource
+from orchestration.versions import code_version_of
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _examples(context, experiment: ExperimentResource, splits: tuple[str, ...]):
+    cfg = experiment.config()
+    task = context.partition_key
+    generated = tasks.generate_task(task, cfg.data)
+    out_dir = experiment.root() / "examples" / task / _key(cfg.data.model_dump())
+    paths = {s: write_parquet_atomic(generated[s], out_dir / f"{s}.parquet") for s in splits}
+    main = generated[splits[0]]
+    version = file_sha256(*paths.values())[:16]
+    metadata = {
+        "path": dg.MetadataValue.path(str(paths[splits[0]])),
+        "rows": len(main),
+        "bytes": sum(p.stat().st_size for p in paths.values()),
+        "sha256": version,
+        "subjects": dg.MetadataValue.json(main["subject"].value_counts().to_dict()),
+        "preview": dg.MetadataValue.md(statistics.markdown_table(main[["id", "prompt", "answer"]].head(3))),
+    }
+    if main["label"].notna().any():
+        metadata["label_balance"] = dg.MetadataValue.json(
+            {str(int(k)): int(v) for k, v in main["label"].value_counts().sort_index().items()})
+    for s in splits[1:]:
+        metadata[f"{s}_path"] = dg.MetadataValue.path(str(paths[s]))
+        metadata[f"{s}_rows"] = len(generated[s])
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
+
+
+@dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "config"),
+          group_name="data", kinds={"parquet"})
+def train_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
+    """Unified training rows of one task (id, task, subject, prompt, answer, choices, label)."""
+    return _examples(context, experiment, ("train",))
+
+
+@dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "config"),
+          group_name="data", kinds={"parquet"})
+def eval_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
+    """Unified evaluation rows of one task, and the few-shot pool the prompts draw from."""
+    return _examples(context, experiment, ("eval", "fewshot"))
+
+
+@dg.asset(deps=[train_examples], group_name="teacher", kinds={"pytorch", "safetensors"},
+          code_version=code_version_of("teacher_training", "tokenizer_training", "models",
+                                       "encoding", "teacher_cache"))
+def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResource):
+    """The frozen teacher as an HF dir (tiny: trained here on train_examples; paper: the
+    pinned hub revision), with the student's tokenizer beside it."""
+    cfg = experiment.config()
+    inputs = {t: upstream(context, "train_examples", t) for t in TASKS}
+    identity = [cfg.teacher.model_dump(), cfg.tokenizer.model_dump(), cfg.max_length,
+                {t: m["sha256"] for t, m in inputs.items()}]
+    out_dir = experiment.root() / "teacher" / _key(identity)
+    rows = [pd.read_parquet(inputs[t]["path"]) for t in TASKS]
+    info = teacher_training.prepare_teacher(
+        cfg, rows, out_dir, log=lambda step, loss: context.log.info(f"teacher step {step}: loss {loss:.4f}"))
+    version = file_sha256(*sorted(out_dir.glob("*.safetensors")))[:16]
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(str(out_dir)),
+                  "student_tokenizer": dg.MetadataValue.path(str(out_dir / "student_tokenizer")),
+                  "weights_sha256": version, "bytes": dir_bytes(out_dir),
+                  **{k: v for k, v in info.items() if v is not None}},
+        data_version=dg.DataVersion(version))
+
+
+@dg.asset(name="teacher_cache", partitions_def=task_partitions, deps=[train_examples, teacher_model],
+          group_name="teacher", kinds={"ray", "parquet"},
+          code_version=code_version_of("teacher_cache", "final_layer_attention", "encoding", "models"))
+def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: ExperimentResource,
+                        ray_cluster: RayResource):
+    """The teacher's signals on one task's training rows (final hidden states, whose lm_head
+    gives the exact logits, and final-layer attention), written by Ray Data as Parquet."""
+    cfg = experiment.config()
+    task = context.partition_key
+    rows = upstream(context, "train_examples", task)
+    teacher = upstream(context, "teacher_model")
+    identity = {"teacher": teacher["weights_sha256"], "tokenizer": teacher["student_tokenizer"],
+                "data": rows["sha256"], "cache": cfg.cache.model_dump(exclude={"actors", "batch_size"}),
+                "max_length": cfg.max_length}
+    key = teacher_cache.cache_key(**identity)
+    out_dir = experiment.root() / "teacher_cache" / task / key
+    manifest = teacher_cache.build_teacher_cache(
+        teacher_cache.training_contexts(pd.read_parquet(rows["path"])), out_dir,
+        teacher_dir=teacher["path"], tokenizer_dir=teacher["student_tokenizer"],
+        max_length=cfg.max_length, attention_queries=cfg.cache.attention_queries,
+        batch_size=cfg.cache.batch_size, actors=cfg.cache.actors,
+        num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity)
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(str(out_dir)), "cache_key": key,
+                  "rows": manifest["rows"], "tokens": manifest["tokens"], "bytes": manifest["bytes"],
+                  "bytes_per_token": round(manifest["bytes"] / max(1, manifest["tokens"]), 1),
+                  "shards": len(manifest["files"])},
+        data_version=dg.DataVersion(key))
+
+
+
+
+@dg.asset(deps=[teacher_cache_asset, teacher_model], group_name="students", kinds={"ray", "mlflow"},
+          code_version=code_version_of("training", "objective", "losses", "student", "grid",
+                                       "final_layer_attention", "tracking", "models", "encoding"))
+def student_checkpoints(context: dg.AssetExecutionContext, experiment: ExperimentResource,
+                        ray_cluster: RayResource, mlflow: MLflowResource):
+    """The groups x seeds grid, one Ray Tune run; each trial is a nested MLflow child run of
+    this asset's parent run, and leaves an HF checkpoint dir."""
+    cfg = experiment.config()
+    caches = {t: upstream(context, "teacher_cache", t) for t in TASKS}
+    teacher = upstream(context, "teacher_model")
+    code_version = context.assets_def.code_versions_by_key[context.asset_key]
+    cache_version = _key({t: c["cache_key"] for t, c in caches.items()})
+    grid_key = _key(cache_version, cfg.distill.model_dump(), cfg.student.model_dump(), code_version)
+    out_dir = experiment.root() / "students" / grid_key
+    experiment_id = mlflow.experiment_id(f"kdbench-{cfg.name}")
+    client = mlflow.client()
+    parent = client.create_run(experiment_id, run_name=f"grid-{grid_key}",
+                               tags={"kdbench.asset": "student_checkpoints", "dagster.run_id": context.run_id})
+    parent_id = parent.info.run_id
+    for k, v in {"preset": cfg.name, "groups": ",".join(cfg.distill.groups), "seeds": cfg.distill.seeds,
+                 "cache_version": cache_version, "code_version": code_version,
+                 "teacher": teacher["path"]}.items():
+        client.log_param(parent_id, k, v)
+    space = grid.param_space(
+        cfg, cache_dirs=[caches[t]["path"] for t in TASKS], teacher_dir=teacher["path"],
+        student_tokenizer_dir=teacher["student_tokenizer"], output_dir=str(out_dir),
+        cache_version=cache_version, code_version=code_version,
+        mlflow={"tracking_uri": mlflow.resolved_uri(), "experiment_id": experiment_id,
+                "parent_run_id": parent_id})
+    try:
+        results = grid.run_grid(cfg, experiment.root().parent.parent / "ray_results",
+                                f"{cfg.name}-{grid_key}", space)
+    except Exception:
+        client.set_terminated(parent_id, "FAILED")
+        raise
+    trials = []
+    for result in results:
+        group, seed = result.config["group"], result.config["seed"]
+        path = out_dir / f"{group}-seed{seed}"
+        meta = json.loads((path / "kdbench.json").read_text()) if path.exists() else {}
+        trials.append({"group": group, "seed": seed, "path": str(path), "finished": result.error is None
+                       and path.exists(), "mlflow_run_id": meta.get("mlflow_run_id"),
+                       "final_loss": (result.metrics or {}).get("loss")})
+    table = pd.DataFrame(trials).sort_values(["group", "seed"])
+    untrained = out_dir / "untrained"
+    write_untrained_student(cfg, teacher["student_tokenizer"], teacher["path"], untrained, cfg.seeds[0])
+    manifest = write_parquet_atomic(table, out_dir / "trials.parquet")
+    failed = table[~table["finished"]]
+    client.set_terminated(parent_id, "FAILED" if len(failed) else "FINISHED")
+    if len(failed):
+        raise dg.Failure(f"{len(failed)} of {len(table)} trials did not finish: "
+                         f"{failed[['group', 'seed']].to_dict('records')}")
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(str(out_dir)), "trials": len(table),
+                  "manifest": dg.MetadataValue.path(str(manifest)),
+                  "untrained_student": dg.MetadataValue.path(str(untrained)),
+                  "grid_key": grid_key, "cache_version": cache_version,
+                  "mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_id,
+                  "mlflow_parent_run": dg.MetadataValue.url(mlflow.run_url(experiment_id, parent_id)),
+                  "final_loss": dg.MetadataValue.md(statistics.markdown_table(
+                      table.pivot(index="seed", columns="group", values="final_loss").reset_index()))},
+        data_version=dg.DataVersion(grid_key))
+
+
+@dg.asset(deps=[student_checkpoints, eval_examples, teacher_model], group_name="evaluation",
+          kinds={"ray", "parquet", "mlflow"},
+          code_version=code_version_of("evaluation", "encoding", "models", "tasks"))
+def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentResource,
+                     ray_cluster: RayResource, mlflow: MLflowResource):
+    """Every checkpoint, the teacher and the untrained student, on every task's eval split."""
+    cfg = experiment.config()
+    students = upstream(context, "student_checkpoints")
+    teacher = upstream(context, "teacher_model")
+    examples = {t: upstream(context, "eval_examples", t) for t in TASKS}
+    trials = pd.read_parquet(students["manifest"])
+    spec = {t: {"rows": pd.read_parquet(m["path"]).to_dict("records"),
+                "shots": pd.read_parquet(m["fewshot_path"]).head(cfg.data.fewshot[t]).to_dict("records")}
+            for t, m in examples.items()}
+    models = {"teacher": teacher["path"], "untrained_student": students["untrained_student"],
+              **{f"{r.group}-seed{r.seed}": r.path for r in trials.itertuples()}}
+    scores = evaluation.evaluate_models(models, spec, batch_size=cfg.eval.batch_size,
+                                        max_length=cfg.max_length, max_new_tokens=cfg.eval.max_new_tokens)
+    by_name = {f"{r.group}-seed{r.seed}": r for r in trials.itertuples()}
+    rows = []
+    for name, per_task in scores.items():
+        trial = by_name.get(name)
+        for task, s in per_task.items():
+            rows.append({"model": name, "group": trial.group if trial else name,
+                         "seed": int(trial.seed) if trial else -1, "task": task,
+                         "accuracy": s["accuracy"], "n": s["n"],
+                         "mlflow_run_id": trial.mlflow_run_id if trial else students["mlflow_parent_run_id"]})
+    table = pd.DataFrame(rows)
+    key = _key(students["grid_key"], {t: m["sha256"] for t, m in examples.items()},
+               context.assets_def.code_versions_by_key[context.asset_key])
+    path = write_parquet_atomic(table, experiment.root() / "evaluation" / key / "evaluation_table.parquet")
+    client = mlflow.client()
+    for run_id, frame in table.groupby("mlflow_run_id"):
+        from mlflow.entities import Metric
+
+        metrics = [Metric(f"eval_{r.task}_accuracy" if r.seed >= 0 else f"{r.model}_{r.task}_accuracy",
+                          r.accuracy, 0, 0) for r in frame.itertuples()]
+        client.log_batch(run_id, metrics=metrics)
+    pivot = table.groupby(["group", "task"])["accuracy"].mean().unstack("task").reset_index()
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(str(path)), "rows": len(table),
+                  "models": len(models), "mean_accuracy": dg.MetadataValue.md(statistics.markdown_table(pivot)),
+                  "mlflow_parent_run_id": students["mlflow_parent_run_id"],
+                  "mlflow_experiment_id": students["mlflow_experiment_id"]},
+        data_version=dg.DataVersion(file_sha256(path)[:16]))
+
+
+@dg.asset(deps=[evaluation_table], group_name="evaluation", kinds={"pingouin", "mlflow"},
+          code_version=code_version_of("statistics"))
+def comparison_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
+                      mlflow: MLflowResource):
+    """Per-task statistics of the groups (rm-ANOVA, Holm-corrected paired tests vs black_box,
+    Hedges' g, 95% CIs) as Markdown, CSV and a PNG plot, also on the MLflow parent run."""
+    cfg = experiment.config()
+    evaluated = upstream(context, "evaluation_table")
+    table = pd.read_parquet(evaluated["path"])
+    students = table[table["seed"] >= 0]
+    references = table[table["seed"] < 0]
+    out_dir = experiment.root() / "report" / _key(evaluated["path"], context.assets_def.code_versions_by_key[context.asset_key])
+    report = statistics.write_report(students, references, out_dir,
+                                     title=f"kdbench {cfg.name}: white-box vs black-box distillation")
+    parent = evaluated["mlflow_parent_run_id"]
+    client = mlflow.client()
+    client.log_artifacts(parent, str(out_dir), "report")
+    return dg.MaterializeResult(
+        metadata={"path": dg.MetadataValue.path(str(report["paths"]["report"])),
+                  "plot": dg.MetadataValue.path(str(report["paths"]["plot"])),
+                  "report": dg.MetadataValue.md(report["markdown"]),
+                  "verdicts": dg.MetadataValue.json(report["verdicts"]),
+                  "mlflow_parent_run": dg.MetadataValue.url(
+                      mlflow.run_url(evaluated["mlflow_experiment_id"], parent))})

@@ -1,0 +1,5 @@
+import dagster as dg
+
+from distill_core.config import TASKS
+
+task_partitions = dg.StaticPartitionsDefinition(list(TASKS))

@@ -1,0 +1,77 @@
+"""Dagster resources: the experiment preset, Ray, and MLflow (plain `mlflow`, not
+dagster-mlflow, whose pins would downgrade dagster and pandas)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dagster as dg
+
+from distill_core.config import ExperimentConfig, load_config
+
+
+class ExperimentResource(dg.ConfigurableResource):
+    """Which preset the graph runs, with dotted overrides (JSON), and where artifacts go."""
+
+    preset: str = "tiny"
+    overrides_json: str = "{}"
+    artifacts_dir: str = "artifacts"
+
+    def config(self) -> ExperimentConfig:
+        return load_config(self.preset, json.loads(self.overrides_json))
+
+    def root(self) -> Path:
+        return (Path(self.artifacts_dir) / self.config().name).resolve()
+
+
+class RayResource(dg.ConfigurableResource):
+    """A local Ray (the machine's CPUs) unless `address` names a cluster."""
+
+    address: str = ""
+    num_cpus: int | None = None
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        import ray
+
+        # Without this, Ray 2.5x writes an auth token under the home directory.
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if ray.is_initialized():
+            return
+        if self.address:
+            ray.init(address=self.address, log_to_driver=False)
+        else:
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+class MLflowResource(dg.ConfigurableResource):
+    """Tracking in a sqlite store, artifacts under `artifact_root`; one experiment a preset."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    artifact_root: str = "mlruns"
+    ui_url: str = "http://127.0.0.1:5000"
+
+    def resolved_uri(self) -> str:
+        # Ray Tune runs trials in their own working directories: the path must be absolute.
+        prefix = "sqlite:///"
+        if self.tracking_uri.startswith(prefix) and not self.tracking_uri.startswith(prefix + "/"):
+            return prefix + str(Path(self.tracking_uri[len(prefix):]).resolve())
+        return self.tracking_uri
+
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(self.resolved_uri())
+
+    def experiment_id(self, name: str) -> str:
+        client = self.client()
+        found = client.get_experiment_by_name(name)
+        if found:
+            return found.experiment_id
+        location = Path(self.artifact_root).resolve().as_uri()
+        return client.create_experiment(name, artifact_location=f"{location}/{name}")
+
+    def run_url(self, experiment_id: str, run_id: str) -> str:
+        return f"{self.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Start the Dagster UI and the MLflow UI on 127.0.0.1; Ctrl-C stops both.
+set -euo pipefail
+HOST=${KDBENCH_UI_HOST:-127.0.0.1}
+DAGSTER_PORT=${DAGSTER_PORT:-3000}
+MLFLOW_PORT=${MLFLOW_PORT:-5000}
+export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster}
+mkdir -p "$DAGSTER_HOME"
+
+# dagster dev started from a script ignores SIGINT/SIGTERM unless INT is untrapped for it.
+(trap - INT; exec dagster dev -w workspace.yaml -h "$HOST" -p "$DAGSTER_PORT") &
+DAGSTER_PID=$!
+# One worker keeps MLflow light; the sqlite store is the one the demo and trials write.
+mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-root "$PWD/mlruns" \
+  --host "$HOST" --port "$MLFLOW_PORT" --workers 1 &
+MLFLOW_PID=$!
+
+stop() { kill -TERM "$DAGSTER_PID" "$MLFLOW_PID" 2>/dev/null || true; wait 2>/dev/null || true; }
+trap stop INT TERM EXIT
+echo "Dagster: http://$HOST:$DAGSTER_PORT   MLflow: http://$HOST:$MLFLOW_PORT   (Ctrl-C stops both)"
+wait -n "$DAGSTER_PID" "$MLFLOW_PID"
