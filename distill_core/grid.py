@@ -20,8 +20,9 @@ def param_space(cfg: ExperimentConfig, **paths) -> dict:
 
 
 def run_grid(cfg: ExperimentConfig, storage_dir: Path, run_name: str, space: dict,
-             max_failures: int = 1):
-    """Fit the grid; an interrupted run of the same `run_name` is resumed, not restarted.
+             max_failures: int = 2, callbacks: list | None = None):
+    """Fit the grid; an interrupted run of the same `run_name` is resumed, not restarted, and
+    a trial whose process dies is retried from its last checkpoint up to `max_failures` times.
     Returns Tune's ResultGrid."""
     from ray import tune
 
@@ -37,7 +38,7 @@ def run_grid(cfg: ExperimentConfig, storage_dir: Path, run_name: str, space: dic
             param_space=space,
             tune_config=tune.TuneConfig(reuse_actors=False),
             run_config=tune.RunConfig(
-                name=run_name, storage_path=str(storage_dir), verbose=0,
+                name=run_name, storage_path=str(storage_dir), verbose=0, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
             ),

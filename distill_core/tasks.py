@@ -75,7 +75,7 @@ def _sst2_row(rng: random.Random, split: str) -> dict:
 
 # --- MMLU shaped -------------------------------------------------------------------------------
 
-_DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
+DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 _ANIMALS = {"mammal": ["cat", "dog", "whale", "horse", "bat", "mouse"],
             "bird": ["eagle", "sparrow", "owl", "penguin", "crow", "duck"],
             "fish": ["salmon", "shark", "trout", "tuna", "cod", "carp"],
@@ -96,10 +96,10 @@ def _mmlu_question(rng: random.Random) -> tuple[str, str, str, list[str]]:
                 [str(n) for n in numbers if n != max(numbers)])
     if kind == 2:
         i, k = rng.randrange(7), rng.choice([1, 2])
-        right = _DAYS[(i + k) % 7]
+        right = DAYS[(i + k) % 7]
         when = "tomorrow" if k == 1 else "the day after tomorrow"
-        wrong = rng.sample([d for d in _DAYS if d != right], 3)
-        return "calendar", f"if today is {_DAYS[i]} , what day is {when} ?", right, wrong
+        wrong = rng.sample([d for d in DAYS if d != right], 3)
+        return "calendar", f"if today is {DAYS[i]} , what day is {when} ?", right, wrong
     cls = rng.choice(sorted(_ANIMALS))
     right = rng.choice(_ANIMALS[cls])
     others = [c for c in sorted(_ANIMALS) if c != cls]
@@ -179,6 +179,14 @@ def generate_task(task: str, cfg: DataConfig) -> dict[str, pd.DataFrame]:
                      ("train", cfg.train_size[task])):
         splits[split] = pd.DataFrame(_unique_rows(task, split, n, rng, taken), columns=ROW_COLUMNS)
     return splits
+
+
+def load_task(task: str, cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    """The splits of one task from the preset's data source."""
+    if cfg.source == "synthetic":
+        return generate_task(task, cfg)
+    raise ValueError(f"data.source {cfg.source!r}: loaders for the real datasets are not built "
+                     "yet; use data.source: synthetic")
 
 
 # --- prompts -----------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -134,13 +135,16 @@ def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: s
     Returns the manifest. An existing complete cache is reused, not rebuilt."""
     import ray
 
-    assert_same_vocabulary(teacher_dir, tokenizer_dir)
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():
         return read_manifest(out_dir)
+    assert_same_vocabulary(teacher_dir, tokenizer_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    ds = ray.data.from_pandas(contexts).map_batches(
+    # Several blocks, so that every actor of the pool gets work (one DataFrame = one block).
+    n_blocks = max(actors, math.ceil(len(contexts) / (4 * batch_size)))
+    blocks = [contexts.iloc[i::n_blocks] for i in range(n_blocks)]
+    ds = ray.data.from_pandas([b for b in blocks if len(b)]).map_batches(
         TeacherSignals,
         fn_constructor_kwargs=dict(teacher_dir=teacher_dir, tokenizer_dir=tokenizer_dir,
                                    max_length=max_length, attention_queries=attention_queries),

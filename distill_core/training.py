@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tempfile
 from pathlib import Path
 
@@ -62,16 +63,31 @@ class CacheData:
         return Batch(ids, attn, task_mask, distill_mask, hidden, attention, queries)
 
 
-def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
-    """Indices of the batch at `step`: epochs are seeded permutations of range(n), so a
-    resumed trial continues exactly where it stopped."""
-    start = step * batch_size
-    out: list[int] = []
-    while len(out) < batch_size:
-        epoch, offset = divmod(start + len(out), n)
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        out.extend(order[offset: offset + batch_size - len(out)].tolist())
-    return out
+class BatchSchedule:
+    """Which rows form the batch at each step. A batch holds rows of one task (their lengths
+    are alike, so little compute goes to padding); an epoch is every task's rows in seeded
+    order, cut into batches, the batches in seeded order. Step s's batch depends only on
+    (seed, s), so a resumed trial continues exactly where it stopped."""
+
+    def __init__(self, tasks: list[str], batch_size: int, seed: int):
+        self.by_task = {t: [i for i, x in enumerate(tasks) if x == t] for t in sorted(set(tasks))}
+        self.batch_size, self.seed = batch_size, seed
+        self.per_epoch = sum(math.ceil(len(r) / batch_size) for r in self.by_task.values())
+        self._epoch: tuple[int, list[list[int]]] | None = None
+
+    def _batches(self, epoch: int) -> list[list[int]]:
+        if self._epoch is None or self._epoch[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            batches = []
+            for rows in self.by_task.values():
+                order = [rows[i] for i in torch.randperm(len(rows), generator=g).tolist()]
+                batches += [order[k:k + self.batch_size] for k in range(0, len(order), self.batch_size)]
+            self._epoch = (epoch, [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()])
+        return self._epoch[1]
+
+    def batch(self, step: int) -> list[int]:
+        epoch, index = divmod(step, self.per_epoch)
+        return self._batches(epoch)[index]
 
 
 def build_student(cfg: ExperimentConfig, tokenizer, d_teacher: int, seed: int) -> DistillationStudent:
@@ -152,6 +168,7 @@ def train_student(config: dict) -> None:
     d_teacher, heads = teacher_config["hidden_size"], teacher_config["num_attention_heads"]
     teacher_head = load_lm_head(config["teacher_dir"])
     data = CacheData(config["cache_dirs"], dcfg.distill_positions, tokenizer.pad_token_id)
+    schedule = BatchSchedule(list(data.rows["task"]), dcfg.batch_size, seed)
     weights = loss_weights(group, dcfg)
 
     student = build_student(cfg, tokenizer, d_teacher, seed)
@@ -186,7 +203,7 @@ def train_student(config: dict) -> None:
     for step in range(start_step, dcfg.steps):
         for g in optimizer.param_groups:
             g["lr"] = dcfg.lr * lr_factor(step)
-        batch = data.batch(batch_indices(len(data), dcfg.batch_size, seed, step), d_teacher, heads)
+        batch = data.batch(schedule.batch(step), d_teacher, heads)
         loss, terms = distillation_loss(student, teacher_head, batch, weights)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"trial {group}-seed{seed}: loss is {loss.item()} at step {step} "
@@ -203,7 +220,8 @@ def train_student(config: dict) -> None:
             window = {}
             if run:
                 run.log_metrics(metrics, step=done)
-            report = {**metrics, "step": done, "group": group, "seed": seed}
+            # pid: which process runs the trial (operators and the fault-tolerance test use it)
+            report = {**metrics, "step": done, "group": group, "seed": seed, "pid": os.getpid()}
             if done % dcfg.checkpoint_every == 0 or done == dcfg.steps:
                 with tempfile.TemporaryDirectory() as d:
                     save_training_state(Path(d), student, optimizer,

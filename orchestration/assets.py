@@ -25,7 +25,7 @@ def _key(*parts) -> str:
 def _examples(context, experiment: ExperimentResource, splits: tuple[str, ...]):
     cfg = experiment.config()
     task = context.partition_key
-    generated = tasks.generate_task(task, cfg.data)
+    generated = tasks.load_task(task, cfg.data)
     out_dir = experiment.root() / "examples" / task / _key(cfg.data.model_dump())
     paths = {s: write_parquet_atomic(generated[s], out_dir / f"{s}.parquet") for s in splits}
     main = generated[splits[0]]

@@ -1,0 +1,50 @@
+"""Shared fixtures: real (tiny) tokenizers and models made here, a local Ray, temp MLflow."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from distill_core.config import load_config
+
+    return load_config("tiny", {
+        "data.train_size": {"sst2": 48, "mmlu": 48, "gsm8k": 48},
+        "data.eval_size": {"sst2": 16, "mmlu": 16, "gsm8k": 8},
+        "teacher.train_epochs": 1, "distill.steps": 20, "distill.report_every": 5,
+        "distill.checkpoint_every": 10, "distill.batch_size": 8,
+    })
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_config):
+    from distill_core.config import TASKS
+    from distill_core.tasks import generate_task
+
+    return {t: generate_task(t, tiny_config.data) for t in TASKS}
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory, tiny_config, tiny_data):
+    """A tiny teacher (one epoch on 144 rows) and its tokenizer, saved as an HF dir."""
+    from distill_core.teacher_training import prepare_teacher
+
+    out = tmp_path_factory.mktemp("teacher") / "model"
+    prepare_teacher(tiny_config, [d["train"] for d in tiny_data.values()], out)
+    return out

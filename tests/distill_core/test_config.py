@@ -1,0 +1,43 @@
+"""Every shipped preset validates; bad values fail before any compute, naming the field."""
+
+import pytest
+
+from distill_core.config import CONFIGS_DIR, ConfigError, load_config
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
+def test_every_shipped_preset_loads_and_validates(preset):
+    cfg = load_config(preset)
+    assert cfg.name == preset
+    assert set(cfg.distill.groups) == {"black_box", "hidden_state", "attention", "combined"}
+    assert cfg.distill.seeds == 7
+
+
+@pytest.mark.parametrize("override, field", [
+    ({"distill.groups": ["black_box", "white_box"]}, "distill.groups"),
+    ({"distill.beta_kd": -1.0}, "distill.beta_kd"),
+    ({"distill.gamma_attn": -0.1}, "distill.gamma_attn"),
+    ({"distill.seeds": 0}, "distill.seeds"),
+    ({"student.hidden_size": None}, "student"),
+    ({"teacher.source": "hub", "teacher.hub_id": None}, "teacher"),
+    ({"data.train_size": {"sst2": 10, "mmlu": 10}}, "data.train_size"),
+    ({"distill.resources_per_trial": {"cpu": 1, "tpu": 1}}, "distill.resources_per_trial"),
+    ({"distill.checkpoint_every": 30, "distill.report_every": 20}, "distill"),
+    ({"distill.alpha_task": 0.0, "distill.beta_kd": 0.0}, "distill"),
+    ({"distill.lerning_rate": 0.1}, "distill.lerning_rate"),
+])
+def test_invalid_values_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", override)
+    assert f"  {field}" in str(err.value), str(err.value)
+
+
+def test_unknown_preset_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*tiny"):
+        load_config("nope")
+
+
+def test_overrides_reach_the_typed_config():
+    cfg = load_config("tiny", {"distill.seeds": 2, "distill.groups": ["black_box", "combined"]})
+    assert cfg.seeds == [0, 1]
+    assert cfg.distill.groups == ["black_box", "combined"]

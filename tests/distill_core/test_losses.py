@@ -1,0 +1,52 @@
+"""Each loss term against values computed by hand."""
+
+import math
+
+import torch
+
+from distill_core.losses import L_KD, L_align_attn, L_align_hidden, L_task
+
+
+def test_L_task_is_cross_entropy_over_masked_positions_only():
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [5.0, -5.0]]])
+    labels = torch.tensor([[0, 1, 1]])
+    mask = torch.tensor([[1, 1, 0]])
+    expected = (-math.log(math.exp(2) / (math.exp(2) + 1)) + math.log(2)) / 2
+    assert math.isclose(L_task(logits, labels, mask).item(), expected, rel_tol=1e-6)
+
+
+def test_L_KD_is_temperature_scaled_kl_times_t_squared():
+    s = torch.tensor([[[1.0, 0.0]]])
+    t = torch.tensor([[[0.0, 1.0]]])
+    T = 2.0
+    ps = torch.softmax(s / T, -1)[0, 0]
+    pt = torch.softmax(t / T, -1)[0, 0]
+    kl = float((pt * (pt.log() - ps.log())).sum())
+    assert math.isclose(L_KD(s, t, torch.ones(1, 1), T).item(), kl * T * T, rel_tol=1e-6)
+    assert L_KD(t, t, torch.ones(1, 1), T).item() == 0.0
+
+
+def test_L_align_hidden_is_mse_over_masked_positions():
+    student = torch.tensor([[[1.0, 2.0], [9.0, 9.0]]])
+    teacher = torch.tensor([[[0.0, 0.0], [0.0, 0.0]]])
+    mask = torch.tensor([[1, 0]])
+    assert math.isclose(L_align_hidden(student, teacher, mask).item(), (1 + 4) / 2)
+
+
+def test_L_align_attn_is_mse_per_head_over_valid_pairs():
+    s = torch.zeros(1, 2, 1, 2)
+    t = torch.zeros(1, 2, 1, 2)
+    s[0, 0, 0] = torch.tensor([1.0, 0.0])
+    t[0, 0, 0] = torch.tensor([0.5, 0.5])   # head 0: errors 0.25, 0.25
+    s[0, 1, 0] = torch.tensor([0.0, 1.0])   # head 1 equal to teacher
+    t[0, 1, 0] = torch.tensor([0.0, 1.0])
+    mask = torch.ones(1, 1, 2)
+    assert math.isclose(L_align_attn(s, t, mask).item(), (0.25 + 0.25 + 0 + 0) / 4)
+    mask[0, 0, 1] = 0  # the second key does not count
+    assert math.isclose(L_align_attn(s, t, mask).item(), (0.25 + 0) / 2)
+
+
+def test_empty_masks_give_zero_not_nan():
+    zeros = torch.zeros(1, 2)
+    assert L_task(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), zeros).item() == 0.0
+    assert L_KD(torch.randn(1, 2, 3), torch.randn(1, 2, 3), zeros, 2.0).item() == 0.0

@@ -1,0 +1,76 @@
+"""The group comparison against hand-checked values, a planted effect, and a null one."""
+
+import math
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from distill_core.statistics import compare_groups, write_report
+
+
+def _table(effects: dict[str, float], noise: float = 0.02, seeds: int = 7, rng_seed: int = 0):
+    rng = np.random.default_rng(rng_seed)
+    seed_effect = rng.normal(0, 0.05, seeds)  # seeds differ; pairing removes this
+    rows = []
+    for group, effect in effects.items():
+        for s in range(seeds):
+            rows.append({"task": "sst2", "group": group, "seed": s,
+                         "accuracy": 0.6 + seed_effect[s] + effect + rng.normal(0, noise)})
+    return pd.DataFrame(rows)
+
+
+def test_hand_checked_small_table():
+    # black_box: 0.50 0.60 0.70; combined: 0.55 0.70 0.75 -> differences 0.05 0.10 0.05
+    table = pd.DataFrame({"task": "t", "group": ["black_box"] * 3 + ["combined"] * 3,
+                          "seed": [0, 1, 2] * 2, "accuracy": [.5, .6, .7, .55, .7, .75]})
+    out = compare_groups(table)
+    summary = out["summary"].set_index("group")
+    assert math.isclose(summary.loc["black_box", "mean"], 0.6)
+    assert math.isclose(summary.loc["black_box", "sd"], 0.1)
+    half = stats.t.ppf(0.975, 2) * 0.1 / math.sqrt(3)  # 0.2484
+    assert math.isclose(summary.loc["black_box", "ci_high"], 0.6 + half, rel_tol=1e-9)
+    pair = out["pairwise"].iloc[0]
+    d = np.array([0.05, 0.10, 0.05])
+    t_hand = d.mean() / (d.std(ddof=1) / math.sqrt(3))  # 0.06667 / 0.02887 = 2.309
+    assert math.isclose(pair["mean_diff"], d.mean(), rel_tol=1e-9)
+    assert math.isclose(pair["t"], t_hand, rel_tol=1e-6)
+    assert math.isclose(pair["p_unc"], 2 * stats.t.sf(t_hand, 2), rel_tol=1e-6)
+    assert math.isclose(pair["p_holm"], pair["p_unc"])  # one comparison: Holm changes nothing
+    # With two groups the rm-ANOVA F is the paired t squared.
+    assert math.isclose(out["anova"].iloc[0]["F"], t_hand**2, rel_tol=1e-6)
+
+
+def test_a_planted_effect_is_found_and_a_null_one_is_not():
+    table = _table({"black_box": 0.0, "hidden_state": 0.0, "attention": 0.08, "combined": 0.0})
+    out = compare_groups(table)
+    pairs = out["pairwise"].set_index("group")
+    assert pairs.loc["attention", "significant"]
+    assert pairs.loc["attention", "hedges_g"] > 0.8
+    assert pairs.loc["attention", "ci_low"] > 0
+    assert not pairs.loc["hidden_state", "significant"]
+    assert not pairs.loc["combined", "significant"]
+    assert out["anova"].iloc[0]["p_unc"] < 0.05
+    # Holm: p_holm >= p_unc, and monotone in the order of the raw p-values.
+    assert (pairs["p_holm"] >= pairs["p_unc"] - 1e-12).all()
+
+
+def test_null_table_across_many_draws_is_rarely_significant():
+    hits = sum(compare_groups(_table({"black_box": 0, "combined": 0}, rng_seed=s))["pairwise"]
+               .iloc[0]["significant"] for s in range(40))
+    assert hits <= 6  # alpha = 0.05: about 2 of 40 expected
+
+
+def test_report_files_and_verdicts(tmp_path):
+    table = _table({"black_box": 0.0, "combined": 0.1})
+    refs = pd.DataFrame({"model": ["teacher", "untrained_student"], "task": "sst2",
+                         "accuracy": [0.9, 0.5]})
+    out = write_report(table, refs, tmp_path, title="t")
+    assert "combined is better than black_box" in out["verdicts"][0]
+    text = (tmp_path / "report.md").read_text()
+    assert "## sst2" in text and "teacher" in text
+    assert (tmp_path / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pd.read_csv(tmp_path / "pairwise.csv").shape[0] == 1
+    null = write_report(_table({"black_box": 0.0, "combined": 0.0}, rng_seed=3), refs,
+                        tmp_path / "null", title="t")
+    assert "no significant difference" in null["verdicts"][0]

@@ -1,0 +1,83 @@
+"""The synthetic tasks: deterministic, disjoint, and right about their own answers."""
+
+import re
+
+from distill_core.config import TASKS, load_config
+from distill_core.tasks import (DAYS, MMLU_LETTERS, SST2_CHOICES, final_number, generate_task)
+
+
+def _cfg(**sizes):
+    return load_config("tiny", {"data.train_size": {t: 300 for t in TASKS},
+                                "data.eval_size": {t: 100 for t in TASKS}}).data
+
+
+def test_same_seed_same_rows_and_other_seed_other_rows():
+    cfg = _cfg()
+    a, b = generate_task("mmlu", cfg), generate_task("mmlu", cfg)
+    assert a["train"].equals(b["train"])
+    other = load_config("tiny", {"data.seed": 99}).data
+    assert not generate_task("mmlu", other)["train"]["id"].head(20).equals(a["train"]["id"].head(20))
+
+
+def test_splits_are_disjoint_ids_unique_and_sizes_as_configured():
+    cfg = _cfg()
+    for task in TASKS:
+        splits = generate_task(task, cfg)
+        assert len(splits["train"]) == 300 and len(splits["eval"]) == 100
+        assert len(splits["fewshot"]) == cfg.fewshot_pool_size
+        ids = [i for s in splits.values() for i in s["id"]]
+        prompts = [p for s in splits.values() for p in s["prompt"]]
+        assert len(set(ids)) == len(ids) and len(set(prompts)) == len(prompts)
+
+
+def test_sst2_labels_follow_negation_and_the_clause_after_but():
+    rows = generate_task("sst2", _cfg())["train"]
+    assert set(rows["label"]) == {0, 1}
+    checked = 0
+    for r in rows.itertuples():
+        sentence = r.prompt.split("\n")[0]
+        if " but " in sentence or sentence.startswith("although"):
+            continue
+        positive = any(f" {w} ." in sentence for w in ("good", "great", "brilliant", "moving",
+                       "charming", "delightful", "funny", "beautiful", "clever", "wonderful",
+                       "sharp", "warm"))
+        negated = " not " in sentence
+        assert r.label == int(positive != negated), sentence
+        assert r.answer == SST2_CHOICES[r.label]
+        checked += 1
+    assert checked > 50
+    assert rows["prompt"].str.contains(" but ").any() and rows["prompt"].str.contains(" not ").any()
+
+
+def test_mmlu_label_points_at_the_right_option():
+    rows = generate_task("mmlu", _cfg())["train"]
+    assert set(rows["subject"]) == {"arithmetic", "comparison", "calendar", "biology"}
+    for r in rows.itertuples():
+        options = dict(re.findall(r"^([ABCD])\. (.+)$", r.prompt, flags=re.M))
+        right = options[MMLU_LETTERS[r.label]]
+        assert r.answer == f" {MMLU_LETTERS[r.label]}"
+        if r.subject == "arithmetic":
+            a, b = map(int, re.match(r"what is (\d+) plus (\d+)", r.prompt).groups())
+            assert int(right) == a + b
+        elif r.subject == "comparison":
+            assert int(right) == max(int(v) for v in options.values())
+        elif r.subject == "calendar":
+            today = re.search(r"today is (\w+)", r.prompt).group(1)
+            step = 2 if "after tomorrow" in r.prompt else 1
+            assert right == DAYS[(DAYS.index(today) + step) % 7]
+
+
+def test_gsm8k_answers_end_with_the_final_number_that_the_steps_compute():
+    rows = generate_task("gsm8k", _cfg())["train"]
+    for r in rows.itertuples():
+        assert r.prompt.startswith("Question: ") and r.prompt.endswith("\nAnswer:")
+        assert final_number(r.answer) == r.target
+        *_, last = re.findall(r"= (\d+)", r.answer)
+        assert last == r.target
+        assert len(re.findall(r"=", r.answer)) == 2  # two steps
+
+
+def test_final_number_reads_gsm8k_conventions():
+    assert final_number("so 3 + 4 = 7\n#### 1,234") == "1234"
+    assert final_number("#### -5") == "-5"
+    assert final_number("no answer here") is None

@@ -1,0 +1,104 @@
+"""train_student under a real Ray Tune: HF checkpoints, pairing by seed, and a trial killed by
+SIGKILL that resumes from its checkpoint to the same final metrics."""
+
+import json
+import os
+import signal
+
+import pandas as pd
+import pytest
+import torch
+from ray import tune
+from transformers import AutoModelForCausalLM
+
+from distill_core.config import TASKS
+from distill_core.grid import param_space, run_grid
+from distill_core.models import load_tokenizer
+from distill_core.teacher_cache import build_teacher_cache, training_contexts
+from distill_core.training import BatchSchedule, build_student
+
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data):
+    root = tmp_path_factory.mktemp("caches")
+    for task in TASKS:
+        build_teacher_cache(training_contexts(tiny_data[task]["train"]), root / task,
+                            teacher_dir=str(tiny_teacher_dir),
+                            tokenizer_dir=str(tiny_teacher_dir / "student_tokenizer"),
+                            max_length=256, attention_queries="answer", batch_size=16, actors=2,
+                            num_gpus_per_actor=0, identity={"task": task})
+    return [str(root / t) for t in TASKS]
+
+
+def _space(cfg, caches, teacher_dir, out_dir):
+    return param_space(cfg, cache_dirs=caches, teacher_dir=str(teacher_dir),
+                       student_tokenizer_dir=str(teacher_dir / "student_tokenizer"),
+                       output_dir=str(out_dir), cache_version="test", code_version="test",
+                       mlflow=None)
+
+
+class KillOnceAfterCheckpoint(tune.Callback):
+    def __init__(self, at_step: int):
+        self.at_step, self.killed_pid = at_step, None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.killed_pid is None and result["step"] == self.at_step:
+            self.killed_pid = result["pid"]
+            os.kill(result["pid"], signal.SIGKILL)
+
+
+def test_grid_trains_loadable_students_and_a_killed_trial_resumes_exactly(
+        tmp_path, tiny_config, caches, tiny_teacher_dir):
+    cfg = tiny_config.model_copy(update={"distill": tiny_config.distill.model_copy(
+        update={"groups": ["black_box", "combined"], "seeds": 1})})
+    results = run_grid(cfg, tmp_path / "ray", "uninterrupted",
+                       _space(cfg, caches, tiny_teacher_dir, tmp_path / "a"))
+    assert not results.errors
+    final = {r.config["group"]: r.metrics for r in results}
+    assert set(final) == {"black_box", "combined"} and all(m["step"] == STEPS for m in final.values())
+    history = {r.config["group"]: r.metrics_dataframe for r in results}
+    assert list(history["combined"]["step"]) == [5, 10, 15, 20]
+    # Same seed, same init and data: the groups differ only by their loss.
+    assert final["black_box"]["L_align_hidden"] != final["combined"]["L_align_hidden"]
+
+    student_dir = tmp_path / "a" / "combined-seed0"
+    meta = json.loads((student_dir / "kdbench.json").read_text())
+    assert meta["group"] == "combined" and meta["seed"] == 0
+    assert meta["weights"]["gamma_attn"] == cfg.distill.gamma_attn > 0
+    assert json.loads((tmp_path / "a" / "black_box-seed0" / "kdbench.json").read_text())[
+        "weights"]["gamma_hidden"] == 0
+    model = AutoModelForCausalLM.from_pretrained(student_dir, use_safetensors=True)
+    assert model.config.hidden_size == cfg.student.hidden_size
+    assert any(p.name.endswith(".safetensors") for p in student_dir.iterdir())
+
+    combined_only = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"groups": ["combined"]})})
+    killer = KillOnceAfterCheckpoint(at_step=10)
+    resumed = run_grid(combined_only, tmp_path / "ray", "killed",
+                       _space(combined_only, caches, tiny_teacher_dir, tmp_path / "b"),
+                       max_failures=1, callbacks=[killer])
+    assert killer.killed_pid is not None and not resumed.errors
+    (trial,) = list(resumed)
+    assert trial.metrics["pid"] != killer.killed_pid  # a new process finished the trial
+    for key in ("loss", "L_task", "L_KD", "L_align_hidden", "L_align_attn"):
+        assert trial.metrics[key] == final["combined"][key], key
+    a = AutoModelForCausalLM.from_pretrained(student_dir).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "combined-seed0").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_seed_fixes_init_and_data_order(tiny_config, tiny_teacher_dir):
+    tok = load_tokenizer(tiny_teacher_dir)
+    one, same, other = (build_student(tiny_config, tok, 96, s).state_dict() for s in (3, 3, 4))
+    assert all(torch.equal(one[k], same[k]) for k in one)
+    assert not torch.equal(one["hidden_state_projector.weight"], other["hidden_state_projector.weight"])
+    tasks = ["sst2"] * 23 + ["gsm8k"] * 17
+    one, same, other = BatchSchedule(tasks, 8, 3), BatchSchedule(tasks, 8, 3), BatchSchedule(tasks, 8, 4)
+    assert [one.batch(s) for s in range(12)] == [same.batch(s) for s in range(12)]
+    assert [one.batch(s) for s in range(6)] != [other.batch(s) for s in range(6)]
+    assert one.per_epoch == 3 + 3
+    epoch = [one.batch(s) for s in range(6)]
+    assert sorted(i for b in epoch for i in b) == list(range(40))  # every row once an epoch
+    assert all(len({tasks[i] for i in b}) == 1 for b in epoch)     # one task a batch
+    assert [one.batch(s) for s in range(6, 12)] != epoch            # a new order next epoch

@@ -1,0 +1,96 @@
+"""The whole graph, materialized in-process on a reduced grid (2 groups x 2 seeds, a few steps),
+with a local Ray and MLflow on a temporary sqlite file; the outputs are checked, not just run."""
+
+import json
+
+import dagster as dg
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM
+
+from distill_core.config import TASKS
+from orchestration.definitions import resources
+from orchestration.study import materialize_study
+
+OVERRIDES = {
+    "distill.groups": ["black_box", "combined"], "distill.seeds": 2, "distill.steps": 20,
+    "distill.report_every": 5, "distill.checkpoint_every": 10, "distill.batch_size": 8,
+    "teacher.train_epochs": 2,
+    "data.train_size": {"sst2": 120, "mmlu": 120, "gsm8k": 120},
+    "data.eval_size": {"sst2": 24, "mmlu": 24, "gsm8k": 12},
+}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory, ray_local):
+    root = tmp_path_factory.mktemp("study")
+    uri = f"sqlite:///{root}/mlflow.db"
+    res = resources(overrides_json=json.dumps(OVERRIDES), artifacts_dir=str(root / "artifacts"),
+                    tracking_uri=uri, artifact_root=str(root / "mlruns"))
+    with dg.instance_for_test() as instance:
+        metadata = materialize_study(res, instance, log=lambda _: None)
+        yield {"root": root, "uri": uri, "metadata": metadata, "instance": instance}
+
+
+def test_every_asset_and_partition_is_materialized_with_its_code_version(study):
+    instance = study["instance"]
+    for name in ("train_examples", "eval_examples", "teacher_cache"):
+        assert instance.get_materialized_partitions(dg.AssetKey(name)) == set(TASKS), name
+    for name in ("teacher_model", "student_checkpoints", "evaluation_table", "comparison_report"):
+        record = instance.get_latest_materialization_event(dg.AssetKey(name))
+        assert record.asset_materialization.tags["dagster/code_version"], name
+    cache = study["metadata"]["student_checkpoints"]
+    assert cache["trials"] == 4
+
+
+def test_mlflow_has_a_parent_run_with_one_child_per_trial(study):
+    client = MlflowClient(study["uri"])
+    experiment = client.get_experiment_by_name("kdbench-tiny")
+    parent_id = study["metadata"]["student_checkpoints"]["mlflow_parent_run_id"]
+    children = client.search_runs([experiment.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert len(children) == 4
+    assert {(c.data.params["group"], c.data.params["seed"]) for c in children} == \
+        {(g, s) for g in ("black_box", "combined") for s in ("0", "1")}
+    for child in children:
+        assert child.info.status == "FINISHED"
+        assert {"lr", "alpha_task", "beta_kd", "gamma_hidden", "gamma_attn"} <= set(child.data.params)
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "L_KD")]
+        assert steps == [5, 10, 15, 20]
+        assert {f"eval_{t}_accuracy" for t in TASKS} <= set(child.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(child.info.run_id, "checkpoint")}
+        assert "checkpoint/model.safetensors" in artifacts
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    assert "report" in {a.path for a in client.list_artifacts(parent_id)}
+
+
+def test_evaluation_table_covers_every_checkpoint_and_the_references(study):
+    table = pd.read_parquet(study["metadata"]["evaluation_table"]["path"])
+    students = table[table["seed"] >= 0]
+    assert len(students) == 4 * 3
+    assert set(table[table["seed"] < 0]["model"]) == {"teacher", "untrained_student"}
+    assert len(table) == 4 * 3 + 2 * 3
+    assert table.groupby("task")["n"].first().to_dict() == {"sst2": 24, "mmlu": 24, "gsm8k": 12}
+    assert table["accuracy"].between(0, 1).all()
+    # The checkpoints the table names are the grid's, loadable as plain HF models.
+    path = pd.read_parquet(study["metadata"]["student_checkpoints"]["manifest"])["path"].iloc[0]
+    assert AutoModelForCausalLM.from_pretrained(path, use_safetensors=True).config.num_hidden_layers == 2
+
+
+def test_report_statistics_agree_with_the_table(study):
+    report = study["metadata"]["comparison_report"]
+    table = pd.read_parquet(study["metadata"]["evaluation_table"]["path"])
+    students = table[table["seed"] >= 0]
+    out_dir = __import__("pathlib").Path(report["path"]).parent
+    summary = pd.read_csv(out_dir / "summary.csv")
+    expected = students.groupby(["task", "group"])["accuracy"].mean()
+    for r in summary.itertuples():
+        assert r.mean == pytest.approx(expected[(r.task, r.group)])
+    pairwise = pd.read_csv(out_dir / "pairwise.csv")
+    assert set(pairwise["task"]) == set(TASKS) and set(pairwise["group"]) == {"combined"}
+    text = (out_dir / "report.md").read_text()
+    assert all(f"## {t}" in text for t in TASKS)
+    assert len(report["verdicts"]) == 3
+    assert (out_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
