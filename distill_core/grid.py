@@ -36,7 +36,7 @@ def run_grid(cfg: ExperimentConfig, storage_dir: Path, run_name: str, space: dic
         tuner = tune.Tuner(
             trainable,
             param_space=space,
-            tune_config=tune.TuneConfig(reuse_actors=False),
+            tune_config=tune.TuneConfig(reuse_actors=True),  # no re-import of torch per trial
             run_config=tune.RunConfig(
                 name=run_name, storage_path=str(storage_dir), verbose=0, callbacks=callbacks,
                 failure_config=tune.FailureConfig(max_failures=max_failures),

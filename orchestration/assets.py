@@ -132,13 +132,9 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
     out_dir = experiment.root() / "students" / grid_key
     experiment_id = mlflow.experiment_id(f"kdbench-{cfg.name}")
     client = mlflow.client()
-    parent = client.create_run(experiment_id, run_name=f"grid-{grid_key}",
-                               tags={"kdbench.asset": "student_checkpoints", "dagster.run_id": context.run_id})
-    parent_id = parent.info.run_id
-    for k, v in {"preset": cfg.name, "groups": ",".join(cfg.distill.groups), "seeds": cfg.distill.seeds,
-                 "cache_version": cache_version, "code_version": code_version,
-                 "teacher": teacher["path"]}.items():
-        client.log_param(parent_id, k, v)
+    parent_id = mlflow.grid_parent_run(experiment_id, grid_key, context.run.run_id, params={
+        "preset": cfg.name, "groups": ",".join(cfg.distill.groups), "seeds": cfg.distill.seeds,
+        "cache_version": cache_version, "code_version": code_version, "teacher": teacher["path"]})
     space = grid.param_space(
         cfg, cache_dirs=[caches[t]["path"] for t in TASKS], teacher_dir=teacher["path"],
         student_tokenizer_dir=teacher["student_tokenizer"], output_dir=str(out_dir),

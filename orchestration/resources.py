@@ -73,5 +73,23 @@ class MLflowResource(dg.ConfigurableResource):
         location = Path(self.artifact_root).resolve().as_uri()
         return client.create_experiment(name, artifact_location=f"{location}/{name}")
 
+    def grid_parent_run(self, experiment_id: str, grid_key: str, dagster_run_id: str,
+                        params: dict) -> str:
+        """The parent run of the grid `grid_key`: the existing one when the same grid is
+        materialized again (Tune resumes it, and its trials are that run's children)."""
+        client = self.client()
+        found = client.search_runs([experiment_id], f"tags.`kdbench.grid_key` = '{grid_key}'",
+                                   max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            client.update_run(run_id, status="RUNNING")
+        else:
+            run_id = client.create_run(experiment_id, run_name=f"grid-{grid_key}", tags={
+                "kdbench.grid_key": grid_key, "kdbench.asset": "student_checkpoints"}).info.run_id
+            for key, value in params.items():
+                client.log_param(run_id, key, value)
+        client.set_tag(run_id, "dagster.run_id", dagster_run_id)
+        return run_id
+
     def run_url(self, experiment_id: str, run_id: str) -> str:
         return f"{self.ui_url}/#/experiments/{experiment_id}/runs/{run_id}"
