@@ -17,6 +17,8 @@ import pandas as pd
 import pingouin as pg
 from scipy import stats
 
+from distill_core.config import GROUPS
+
 ALPHA = 0.05
 
 
@@ -68,8 +70,8 @@ def paired_vs_baseline(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
                "t": float("nan"), "p_unc": float("nan"), "hedges_g": float("nan")}
         if len(diff) >= 2 and np.ptp(diff) > 0:
             res = pg.ttest(x, y, paired=True).iloc[0]
-            row.update(t=float(res["T"]), p_unc=float(res["p_val"]),
-                       ci_low=float(res["CI95"][0]), ci_high=float(res["CI95"][1]),
+            low, high = _mean_ci(diff)  # pingouin's CI95 is rounded to 2 decimals
+            row.update(t=float(res["T"]), p_unc=float(res["p_val"]), ci_low=low, ci_high=high,
                        hedges_g=float(pg.compute_effsize(x, y, paired=True, eftype="hedges")))
         elif len(diff) >= 2:  # identical differences: no variance, no test
             row.update(ci_low=diff.mean(), ci_high=diff.mean())
@@ -143,6 +145,7 @@ def write_report(students: pd.DataFrame, references: pd.DataFrame, out_dir: Path
     teacher and the untrained student. Returns paths, the tables and the verdicts."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    students = _in_study_order(students)
     tables = compare_groups(students, baseline)
     verdicts = []
     parts = [f"# {title}\n", "Accuracy per group over seeds; seed is the pairing subject. "
@@ -171,6 +174,14 @@ def write_report(students: pd.DataFrame, references: pd.DataFrame, out_dir: Path
                       **{n: out_dir / f"{n}.csv" for n in tables}}}
 
 
+def _in_study_order(students: pd.DataFrame) -> pd.DataFrame:
+    """Rows ordered as the study's table of groups (black_box first), then by seed."""
+    rank = {g: i for i, g in enumerate(GROUPS)}
+    order = students["group"].map(lambda g: rank.get(g, len(rank)))
+    return students.assign(_rank=order).sort_values(["_rank", "group", "seed"], kind="stable") \
+        .drop(columns="_rank")
+
+
 def plot_accuracy(students: pd.DataFrame, references: pd.DataFrame, path: Path) -> None:
     import matplotlib
 
@@ -191,8 +202,8 @@ def plot_accuracy(students: pd.DataFrame, references: pd.DataFrame, path: Path) 
                         if not np.isnan(low) else None, fmt="o", color="black", capsize=4)
         for _, ref in references[references["task"] == task].iterrows():
             ax.axhline(ref["accuracy"], linestyle="--", linewidth=1, color="gray")
-            ax.annotate(ref["model"], (len(groups) - 0.5, ref["accuracy"]), fontsize=7,
-                        color="gray", va="bottom", ha="right")
+            ax.text(0.99, ref["accuracy"], ref["model"], transform=ax.get_yaxis_transform(),
+                    fontsize=7, color="gray", va="bottom", ha="right")
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_title(task)
         ax.set_ylabel("accuracy")

@@ -37,6 +37,9 @@ def test_hand_checked_small_table():
     assert math.isclose(pair["t"], t_hand, rel_tol=1e-6)
     assert math.isclose(pair["p_unc"], 2 * stats.t.sf(t_hand, 2), rel_tol=1e-6)
     assert math.isclose(pair["p_holm"], pair["p_unc"])  # one comparison: Holm changes nothing
+    half_d = stats.t.ppf(0.975, 2) * d.std(ddof=1) / math.sqrt(3)  # CI of the mean difference
+    assert math.isclose(pair["ci_low"], d.mean() - half_d, rel_tol=1e-9)
+    assert math.isclose(pair["ci_high"], d.mean() + half_d, rel_tol=1e-9)
     # With two groups the rm-ANOVA F is the paired t squared.
     assert math.isclose(out["anova"].iloc[0]["F"], t_hand**2, rel_tol=1e-6)
 
