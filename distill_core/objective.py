@@ -59,11 +59,14 @@ def distillation_loss(student, teacher_lm_head: torch.nn.Module, batch: Batch,
     four quantities (how far black_box drifts from the teacher's attention is a finding too);
     only the weighted ones reach the gradient."""
     out = student(batch.input_ids, batch.attention_mask, with_attention=True)
-    labels = batch.input_ids.roll(-1, dims=1)
-    terms = {"L_task": L_task(out.logits, labels, batch.task_mask)}
+    # Logits only where L_task or L_KD look: [1, N, V] over the N selected positions.
+    at = (batch.task_mask + batch.distill_mask) > 0
+    labels = batch.input_ids.roll(-1, dims=1)[at][None]
+    student_logits = student.logits(out.hidden[at])[None]
     with torch.no_grad():
-        teacher_logits = teacher_lm_head(batch.teacher_hidden)  # exact: see teacher_cache
-    terms["L_KD"] = L_KD(out.logits, teacher_logits, batch.distill_mask, w.temperature)
+        teacher_logits = teacher_lm_head(batch.teacher_hidden[at])[None]  # exact: see teacher_cache
+    terms = {"L_task": L_task(student_logits, labels, batch.task_mask[at][None]),
+             "L_KD": L_KD(student_logits, teacher_logits, batch.distill_mask[at][None], w.temperature)}
     projected = student.hidden_state_projector(out.hidden)
     terms["L_align_hidden"] = L_align_hidden(projected, batch.teacher_hidden, batch.distill_mask)
     terms["L_align_attn"] = _attention_term(out.attention, batch)

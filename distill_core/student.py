@@ -12,7 +12,6 @@ from distill_core.final_layer_attention import capture_final_attention
 
 @dataclass
 class StudentOutputs:
-    logits: torch.Tensor            # [B, T, V_student]
     hidden: torch.Tensor            # [B, T, d_student], final layer, after the final norm
     attention: torch.Tensor | None  # [B, H, T, T] final-layer attention probabilities
 
@@ -28,11 +27,14 @@ class DistillationStudent(nn.Module):
         self.hidden_state_projector = nn.Linear(model.config.hidden_size, d_teacher)
 
     def forward(self, input_ids, attention_mask, with_attention: bool = False) -> StudentOutputs:
+        """Hidden states (and attention); logits come from `logits`, for the positions a
+        loss needs only: the vocabulary projection is the costliest op of a small model."""
         if not with_attention:
             out = self.model.model(input_ids=input_ids, attention_mask=attention_mask)
-            hidden = out.last_hidden_state
-            return StudentOutputs(self.model.lm_head(hidden), hidden, None)
+            return StudentOutputs(out.last_hidden_state, None)
         with capture_final_attention(self.model, attention_mask) as captured:
             out = self.model.model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state
-        return StudentOutputs(self.model.lm_head(hidden), hidden, captured["probs"])
+        return StudentOutputs(out.last_hidden_state, captured["probs"])
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.lm_head(hidden)

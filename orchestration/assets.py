@@ -7,6 +7,7 @@ import json
 
 import dagster as dg
 import pandas as pd
+from mlflow.entities import Metric
 
 from distill_core import evaluation, grid, statistics, tasks, teacher_cache, teacher_training
 from distill_core.config import TASKS
@@ -209,8 +210,6 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
     path = write_parquet_atomic(table, experiment.root() / "evaluation" / key / "evaluation_table.parquet")
     client = mlflow.client()
     for run_id, frame in table.groupby("mlflow_run_id"):
-        from mlflow.entities import Metric
-
         metrics = [Metric(f"eval_{r.task}_accuracy" if r.seed >= 0 else f"{r.model}_{r.task}_accuracy",
                           r.accuracy, 0, 0) for r in frame.itertuples()]
         client.log_batch(run_id, metrics=metrics)

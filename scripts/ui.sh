@@ -15,7 +15,14 @@ mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-
   --host "$HOST" --port "$MLFLOW_PORT" --workers 1 &
 MLFLOW_PID=$!
 
-stop() { kill -TERM "$DAGSTER_PID" "$MLFLOW_PID" 2>/dev/null || true; wait 2>/dev/null || true; }
+stop() {
+  trap - INT TERM EXIT
+  kill -TERM "$DAGSTER_PID" "$MLFLOW_PID" 2>/dev/null || true
+  # dagster dev can linger after its daemon stops; give both 15 s, then end their process groups.
+  for _ in $(seq 30); do kill -0 "$DAGSTER_PID" 2>/dev/null || kill -0 "$MLFLOW_PID" 2>/dev/null || return 0; sleep 0.5; done
+  pkill -KILL -P "$DAGSTER_PID" 2>/dev/null || true
+  kill -KILL "$DAGSTER_PID" "$MLFLOW_PID" 2>/dev/null || true
+}
 trap stop INT TERM EXIT
 echo "Dagster: http://$HOST:$DAGSTER_PORT   MLflow: http://$HOST:$MLFLOW_PORT   (Ctrl-C stops both)"
 wait -n "$DAGSTER_PID" "$MLFLOW_PID"
