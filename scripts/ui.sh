@@ -7,8 +7,9 @@ MLFLOW_PORT=${MLFLOW_PORT:-5000}
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster}
 mkdir -p "$DAGSTER_HOME"
 
-# dagster dev started from a script ignores SIGINT/SIGTERM unless INT is untrapped for it.
-(trap - INT; exec dagster dev -w workspace.yaml -h "$HOST" -p "$DAGSTER_PORT") &
+# dagster dev started from a script ignores SIGINT unless INT is untrapped for it; setsid gives
+# it a process group of its own (its code servers included) that stop() can end as a whole.
+(trap - INT; exec setsid dagster dev -w workspace.yaml -h "$HOST" -p "$DAGSTER_PORT") &
 DAGSTER_PID=$!
 # One worker keeps MLflow light; the sqlite store is the one the demo and trials write.
 mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-root "$PWD/mlruns" \
@@ -17,11 +18,12 @@ MLFLOW_PID=$!
 
 stop() {
   trap - INT TERM EXIT
-  kill -TERM "$DAGSTER_PID" "$MLFLOW_PID" 2>/dev/null || true
-  # dagster dev can linger after its daemon stops; give both 15 s, then end their process groups.
+  kill -TERM -- "-$DAGSTER_PID" 2>/dev/null || true
+  kill -TERM "$MLFLOW_PID" 2>/dev/null || true
+  # dagster dev can linger after its daemon stops; give both 15 s, then end them.
   for _ in $(seq 30); do kill -0 "$DAGSTER_PID" 2>/dev/null || kill -0 "$MLFLOW_PID" 2>/dev/null || return 0; sleep 0.5; done
-  pkill -KILL -P "$DAGSTER_PID" 2>/dev/null || true
-  kill -KILL "$DAGSTER_PID" "$MLFLOW_PID" 2>/dev/null || true
+  kill -KILL -- "-$DAGSTER_PID" 2>/dev/null || true
+  kill -KILL "$MLFLOW_PID" 2>/dev/null || true
 }
 trap stop INT TERM EXIT
 echo "Dagster: http://$HOST:$DAGSTER_PORT   MLflow: http://$HOST:$MLFLOW_PORT   (Ctrl-C stops both)"
