@@ -143,7 +143,7 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
         mlflow={"tracking_uri": mlflow.resolved_uri(), "experiment_id": experiment_id,
                 "parent_run_id": parent_id})
     try:
-        results = grid.run_grid(cfg, experiment.root().parent.parent / "ray_results",
+        results = grid.run_grid(cfg, experiment.tune_storage(),
                                 f"{cfg.name}-{grid_key}", space)
     except Exception:
         client.set_terminated(parent_id, "FAILED")

@@ -25,6 +25,11 @@ class ExperimentResource(dg.ConfigurableResource):
     def root(self) -> Path:
         return (Path(self.artifacts_dir) / self.config().name).resolve()
 
+    def tune_storage(self) -> Path:
+        """Ray Tune's storage: `ray_results/` beside the artifacts dir (shared storage on a
+        multi-node cluster)."""
+        return Path(self.artifacts_dir).resolve().parent / "ray_results"
+
 
 class RayResource(dg.ConfigurableResource):
     """A local Ray (the machine's CPUs) unless `address` names a cluster."""

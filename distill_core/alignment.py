@@ -1,0 +1,108 @@
+"""Token alignment across two tokenizers of the same text.
+
+Both fast tokenizers give character offsets. Walking both offset lists with two pointers, a
+*chunk* closes wherever both sides have consumed exactly the same characters, so a chunk is the
+smallest span of text that both tokenizations cut at the same place. With identical tokenizers
+every token is its own chunk.
+
+Leading spaces: byte-level BPE (`Ġ`, Llama-3) and SentencePiece (`▁`, Llama-2/TinyLlama) both
+attach a word's leading space to the word's first token, but they report it differently (with
+`trim_offsets` a byte-level token starts after its space; a Metaspace token may start on it).
+Only token *ends* are compared, and an end is taken after trimming trailing whitespace, so the
+two conventions meet at the same boundaries. A token that is whitespace only (an end that would
+move backwards) joins the chunk it is in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """chunks_a[k] / chunks_b[k]: the token indices of chunk k on each side (contiguous,
+    non-empty, in order, together covering every token)."""
+
+    chunks_a: list[list[int]]
+    chunks_b: list[list[int]]
+
+    def __len__(self) -> int:
+        return len(self.chunks_a)
+
+    @property
+    def last_a(self) -> list[int]:
+        return [c[-1] for c in self.chunks_a]
+
+    @property
+    def last_b(self) -> list[int]:
+        return [c[-1] for c in self.chunks_b]
+
+
+def _ends(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(token index, end after trimming trailing whitespace) of every token; ends never
+    decrease (zero-width and whitespace-only tokens take the end before them)."""
+    out: list[tuple[int, int]] = []
+    last = 0
+    for i, (start, end) in enumerate(offsets):
+        while end > start and text[end - 1].isspace():
+            end -= 1
+        last = max(last, end)  # zero-width or whitespace-only: ends where the text so far ends
+        out.append((i, last))
+    return out
+
+
+def align_offsets(text: str, offsets_a: list[tuple[int, int]],
+                  offsets_b: list[tuple[int, int]]) -> Alignment:
+    """Chunks of two tokenizations of `text` (offsets as fast tokenizers return them)."""
+    ends_a, ends_b = _ends(text, offsets_a), _ends(text, offsets_b)
+    chunks_a: list[list[int]] = []
+    chunks_b: list[list[int]] = []
+    cur_a: list[int] = []
+    cur_b: list[int] = []
+    i = j = 0
+    while i < len(ends_a) or j < len(ends_b):
+        end_a = ends_a[i][1] if i < len(ends_a) else None
+        end_b = ends_b[j][1] if j < len(ends_b) else None
+        if end_b is None or (end_a is not None and end_a < end_b):
+            cur_a.append(ends_a[i][0])
+            i += 1
+        elif end_a is None or end_b < end_a:
+            cur_b.append(ends_b[j][0])
+            j += 1
+        else:
+            cur_a.append(ends_a[i][0])
+            cur_b.append(ends_b[j][0])
+            i += 1
+            j += 1
+            more_a = i < len(ends_a) and ends_a[i][1] == end_a
+            more_b = j < len(ends_b) and ends_b[j][1] == end_b
+            # Zero-width tokens on one side only join this chunk; on both sides they pair
+            # up as chunks of their own (so identical tokenizers give the identity).
+            while more_a and not more_b and i < len(ends_a) and ends_a[i][1] == end_a:
+                cur_a.append(ends_a[i][0])
+                i += 1
+            while more_b and not more_a and j < len(ends_b) and ends_b[j][1] == end_b:
+                cur_b.append(ends_b[j][0])
+                j += 1
+            if cur_a and cur_b:
+                chunks_a.append(cur_a)
+                chunks_b.append(cur_b)
+                cur_a, cur_b = [], []
+    if cur_a or cur_b:
+        if not (cur_a and cur_b) and chunks_a:  # a trailing one-sided remainder joins the last chunk
+            chunks_a[-1].extend(cur_a)
+            chunks_b[-1].extend(cur_b)
+        elif cur_a and cur_b:
+            chunks_a.append(cur_a)
+            chunks_b.append(cur_b)
+        else:
+            raise ValueError("one tokenization has text the other does not cover")
+    return Alignment(chunks_a, chunks_b)
+
+
+def align_texts(text: str, tokenizer_a, tokenizer_b) -> tuple[Alignment, list[int], list[int]]:
+    """Tokenize `text` with both fast tokenizers and align them: (alignment, ids_a, ids_b)."""
+    enc_a = tokenizer_a(text, add_special_tokens=False, return_offsets_mapping=True)
+    enc_b = tokenizer_b(text, add_special_tokens=False, return_offsets_mapping=True)
+    return (align_offsets(text, enc_a["offset_mapping"], enc_b["offset_mapping"]),
+            enc_a["input_ids"], enc_b["input_ids"])
