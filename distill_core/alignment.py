@@ -106,3 +106,17 @@ def align_texts(text: str, tokenizer_a, tokenizer_b) -> tuple[Alignment, list[in
     enc_b = tokenizer_b(text, add_special_tokens=False, return_offsets_mapping=True)
     return (align_offsets(text, enc_a["offset_mapping"], enc_b["offset_mapping"]),
             enc_a["input_ids"], enc_b["input_ids"])
+
+
+def aggregate_attention(probs, chunks: list[list[int]]):
+    """Attention probabilities [H, T, T] (query, key) of one sequence onto its chunks:
+    [H, C, C], the query at each chunk's last token, its attention summed over the key tokens
+    of each chunk. Rows stay distributions, now over chunks, on both models' sides."""
+    import torch
+
+    t = probs.shape[-1]
+    last = torch.tensor([c[-1] for c in chunks], device=probs.device)
+    member = torch.zeros(t, len(chunks), dtype=probs.dtype, device=probs.device)
+    for k, chunk in enumerate(chunks):
+        member[chunk, k] = 1.0
+    return probs[:, last, :] @ member
