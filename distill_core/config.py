@@ -120,6 +120,8 @@ class DistillConfig(_Strict):
     gamma_attn: float = Field(1.0, ge=0)
     temperature: float = Field(2.0, gt=0)
     distill_positions: Literal["all", "answer"] = "all"
+    # L_align_hidden as plain MSE, or divided by the teacher's mean square (scale-free)
+    hidden_loss: Literal["mse", "normalized_mse"] = "mse"
     steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)

@@ -35,11 +35,17 @@ def L_KD(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch
 
 
 def L_align_hidden(projected_student: torch.Tensor, teacher_hidden: torch.Tensor,
-                   mask: torch.Tensor) -> torch.Tensor:
+                   mask: torch.Tensor, normalized: bool = False) -> torch.Tensor:
     """MSE between the projected student states and the teacher's [B, T, D], averaged over the
-    dimensions and the positions where `mask` [B, T] is 1."""
-    se = (projected_student.float() - teacher_hidden.float()).pow(2).mean(-1)
-    return _masked_mean(se, mask)
+    dimensions and the positions where `mask` [B, T] is 1. `normalized` divides by the
+    teacher's mean square over the same positions, so that the term's weight does not depend
+    on the teacher's scale (1.0 = as far off as predicting zeros)."""
+    teacher = teacher_hidden.float()
+    se = (projected_student.float() - teacher).pow(2).mean(-1)
+    mse = _masked_mean(se, mask)
+    if not normalized:
+        return mse
+    return mse / _masked_mean(teacher.pow(2).mean(-1), mask).clamp_min(1e-12)
 
 
 def L_align_attn(student_attention: torch.Tensor, teacher_attention: torch.Tensor,

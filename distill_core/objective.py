@@ -24,6 +24,7 @@ class LossWeights:
     gamma_hidden: float
     gamma_attn: float
     temperature: float
+    hidden_normalized: bool = False
 
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -38,6 +39,7 @@ def loss_weights(group: str, cfg: DistillConfig) -> LossWeights:
         gamma_hidden=cfg.gamma_hidden if group in ("hidden_state", "combined") else 0.0,
         gamma_attn=cfg.gamma_attn if group in ("attention", "combined") else 0.0,
         temperature=cfg.temperature,
+        hidden_normalized=cfg.hidden_loss == "normalized_mse",
     )
 
 
@@ -68,7 +70,8 @@ def distillation_loss(student, teacher_lm_head: torch.nn.Module, batch: Batch,
     terms = {"L_task": L_task(student_logits, labels, batch.task_mask[at][None]),
              "L_KD": L_KD(student_logits, teacher_logits, batch.distill_mask[at][None], w.temperature)}
     projected = student.hidden_state_projector(out.hidden)
-    terms["L_align_hidden"] = L_align_hidden(projected, batch.teacher_hidden, batch.distill_mask)
+    terms["L_align_hidden"] = L_align_hidden(projected, batch.teacher_hidden, batch.distill_mask,
+                                             normalized=w.hidden_normalized)
     terms["L_align_attn"] = _attention_term(out.attention, batch)
     weighted = {"L_task": w.alpha_task, "L_KD": w.beta_kd, "L_align_hidden": w.gamma_hidden,
                 "L_align_attn": w.gamma_attn}

@@ -33,6 +33,18 @@ def test_L_align_hidden_is_mse_over_masked_positions():
     assert math.isclose(L_align_hidden(student, teacher, mask).item(), (1 + 4) / 2)
 
 
+def test_normalized_L_align_hidden_divides_by_the_teachers_mean_square():
+    student = torch.tensor([[[1.0, 2.0], [9.0, 9.0]]])
+    teacher = torch.tensor([[[2.0, 2.0], [5.0, 5.0]]])
+    mask = torch.tensor([[1, 0]])
+    plain = L_align_hidden(student, teacher, mask)
+    assert math.isclose(plain.item(), (1 + 0) / 2)
+    assert math.isclose(L_align_hidden(student, teacher, mask, normalized=True).item(), 0.5 / 4.0)
+    # scale invariance: teacher and student both x10 -> the same normalized value
+    assert math.isclose(L_align_hidden(10 * student, 10 * teacher, mask, normalized=True).item(),
+                        0.5 / 4.0, rel_tol=1e-6)
+
+
 def test_L_align_attn_is_mse_per_head_over_valid_pairs():
     s = torch.zeros(1, 2, 1, 2)
     t = torch.zeros(1, 2, 1, 2)
