@@ -12,7 +12,11 @@ from transformers import PreTrainedTokenizerFast
 from distill_core.alignment import align_offsets, align_texts
 from distill_core.tokenizer_training import train_byte_level_bpe
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+import os
+
+# The real data sits beside the checkout (../shared/data), or where KDBENCH_SHARED_DATA says.
+DATA = Path(os.environ.get("KDBENCH_SHARED_DATA",
+                           Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 def _real_texts() -> list[str]:
