@@ -1,0 +1,87 @@
+"""Teacher-cache build throughput beside a bare teacher forward over the same batches, in one
+run, on the tiny preset's shapes; and the bytes a token each signal takes on disk.
+Prints one JSON object.   usage: python bench/cache.py [--rows N]
+
+The bare forward uses the whole machine (torch threads = cache actors); the cache build uses
+`cache.actors` Ray Data actors of one thread each, and includes tokenization, the final-layer
+attention hook, serialization and the Parquet write. Ray's own start-up is not counted."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
+
+from distill_core.config import TASKS, load_config
+from distill_core.encoding import encode_example, pad_batch
+from distill_core.models import init_model, load_causal_lm
+from distill_core.tasks import generate_task
+from distill_core.teacher_cache import build_teacher_cache, training_contexts
+from distill_core.tokenizer_training import train_byte_level_bpe
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=1500, help="training rows a task")
+    args = parser.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cfg = load_config("tiny", {"data.train_size": {t: args.rows for t in TASKS}})
+    rows = pd.concat([generate_task(t, cfg.data)["train"] for t in TASKS], ignore_index=True)
+    contexts = training_contexts(rows)
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher_dir = Path(tmp) / "teacher"
+        tok = train_byte_level_bpe(list(contexts["context"] + contexts["answer"]), cfg.tokenizer.vocab_size)
+        # Throughput does not depend on what the weights learned: an initialised teacher will do.
+        init_model(cfg.teacher, tok, cfg.max_length, seed=0).save_pretrained(teacher_dir)
+        tok.save_pretrained(teacher_dir)
+
+        teacher = load_causal_lm(teacher_dir)
+        torch.set_num_threads(cfg.cache.actors)
+        encoded = [encode_example(tok, c, a, cfg.max_length).input_ids
+                   for c, a in zip(contexts["context"], contexts["answer"])]
+        tokens = sum(len(e) for e in encoded)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(encoded), cfg.cache.batch_size):
+                ids, mask = pad_batch(encoded[i:i + cfg.cache.batch_size], tok.pad_token_id)
+                teacher.model(input_ids=ids, attention_mask=mask)
+        bare_s = time.perf_counter() - start
+
+        import ray
+
+        ray.init(num_cpus=cfg.cache.actors, include_dashboard=False, log_to_driver=False)
+        start = time.perf_counter()
+        manifest = build_teacher_cache(
+            contexts, Path(tmp) / "cache", teacher_dir=str(teacher_dir), tokenizer_dir=str(teacher_dir),
+            max_length=cfg.max_length, attention_queries=cfg.cache.attention_queries,
+            batch_size=cfg.cache.batch_size, actors=cfg.cache.actors, num_gpus_per_actor=0, identity={})
+        cache_s = time.perf_counter() - start
+        ray.shutdown()
+
+        per_column: dict[str, int] = {}
+        for name in manifest["files"]:
+            meta = pq.ParquetFile(Path(tmp) / "cache" / name).metadata
+            for g in range(meta.num_row_groups):
+                for c in range(meta.num_columns):
+                    col = meta.row_group(g).column(c)
+                    key = col.path_in_schema.split(".")[0]
+                    per_column[key] = per_column.get(key, 0) + col.total_compressed_size
+    print(json.dumps({
+        "rows": len(contexts), "tokens": tokens, "actors": cfg.cache.actors,
+        "bare_forward_tokens_per_s": round(tokens / bare_s),
+        "cache_build_tokens_per_s": round(tokens / cache_s),
+        "ratio_cache_over_bare": round(bare_s / cache_s, 3),
+        "bytes_per_token": {k: round(v / tokens, 1) for k, v in sorted(per_column.items())},
+        "bytes_per_token_total": round(manifest["bytes"] / tokens, 1),
+    }))
+
+
+if __name__ == "__main__":
+    main()
