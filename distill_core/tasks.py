@@ -200,16 +200,6 @@ def render_prompt(row: dict, shots: list[dict]) -> str:
     return fewshot_prefix(shots) + row["prompt"]
 
 
-def training_shots(rows: list[dict], index: int, k: int, seed: int) -> list[dict]:
-    """k other training rows as shots for row `index`, fixed by the row's id and `seed`, so
-    training prompts have the same shape as the k-shot evaluation prompts."""
-    if k == 0:
-        return []
-    rng = random.Random(f"{seed}-{rows[index]['id']}")
-    others = [i for i in rng.sample(range(len(rows)), min(len(rows), k + 1)) if i != index][:k]
-    return [rows[i] for i in others]
-
-
 _FINAL_NUMBER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 

@@ -10,8 +10,8 @@ One Parquet row per training example:
   attn_queries (int32 list) and attention: final-layer attention probabilities of those query
       positions, bf16 bytes [H, Q, T] (all positions, or only those predicting answer tokens).
 
-The cache is written to `<dir>.tmp-<pid>` and renamed into place with a manifest once complete;
-a directory without its manifest is never read.
+The cache is written to a temporary sibling directory and renamed into place with a manifest
+once complete (storage.atomic_directory); a directory without its manifest is never read.
 """
 
 from __future__ import annotations
@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 
 from distill_core.encoding import encode_example, pad_batch
 from distill_core.final_layer_attention import capture_final_attention
+from distill_core.storage import atomic_directory
 
 MANIFEST = "manifest.json"
 CACHE_SCHEMA = pa.schema([
@@ -139,8 +138,6 @@ def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: s
     if (out_dir / MANIFEST).exists():
         return read_manifest(out_dir)
     assert_same_vocabulary(teacher_dir, tokenizer_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     # Several blocks, so that every actor of the pool gets work (one DataFrame = one block).
     n_blocks = max(actors, math.ceil(len(contexts) / (4 * batch_size)))
     blocks = [contexts.iloc[i::n_blocks] for i in range(n_blocks)]
@@ -152,7 +149,7 @@ def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: s
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=num_gpus_per_actor,
     )
-    try:
+    with atomic_directory(out_dir) as tmp:  # readers see a complete cache or none
         ds.write_parquet(str(tmp))
         files = sorted(tmp.glob("*.parquet"))
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -162,10 +159,6 @@ def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: s
                     "bytes": sum(f.stat().st_size for f in files),
                     "tokens": int(_column_sum(files, "n_tokens")), "identity": identity}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp, out_dir)  # atomic: readers see a complete cache or none
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 

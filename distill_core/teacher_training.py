@@ -9,13 +9,19 @@ classification tasks are a few percent of the gradient."""
 from __future__ import annotations
 
 import math
+import time
+from pathlib import Path
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 
 from distill_core.config import ExperimentConfig
 from distill_core.encoding import encode_example, pad_batch
-from distill_core.models import init_model
+from distill_core.models import init_model, load_tokenizer
+from distill_core.storage import atomic_directory
+from distill_core.teacher_cache import training_contexts
+from distill_core.tokenizer_training import train_byte_level_bpe
 
 
 def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, loss: None):
@@ -61,15 +67,6 @@ def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step,
     """The teacher_model asset's work: a local HF dir holding the frozen teacher and, under
     `student_tokenizer/`, the student's tokenizer. tiny: train the tokenizer and the teacher
     on `train_rows` (all tasks); hub: download the pinned revision's safetensors once."""
-    import time
-    from pathlib import Path
-
-    import pandas as pd
-
-    from distill_core.storage import atomic_directory
-    from distill_core.teacher_cache import training_contexts
-    from distill_core.tokenizer_training import train_byte_level_bpe
-
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         if cfg.teacher.source == "hub":
@@ -78,9 +75,8 @@ def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step,
             snapshot_download(cfg.teacher.hub_id, revision=cfg.teacher.revision, local_dir=tmp,
                               allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
             info = {"source": cfg.teacher.hub_id, "revision": cfg.teacher.revision}
-            student_tok = cfg.student.hub_id
-            from distill_core.models import load_tokenizer
-            load_tokenizer(student_tok, cfg.student.revision).save_pretrained(tmp / "student_tokenizer")
+            load_tokenizer(cfg.student.hub_id, cfg.student.revision).save_pretrained(
+                tmp / "student_tokenizer")
         else:
             contexts = training_contexts(pd.concat(train_rows, ignore_index=True))
             tokenizer = train_byte_level_bpe(list(contexts["context"] + contexts["answer"]),
