@@ -12,9 +12,8 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster
 .PHONY: install demo test ui clean
 
 # Re-install when the project's dependencies change; torch is pinned in pyproject (CPU wheel).
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+$(STAMP): pyproject.toml scripts/install.sh
+	PYTHON=$(PYTHON) VENV=$(VENV) scripts/install.sh
 	touch $@
 
 install: $(STAMP)

@@ -67,7 +67,11 @@ def distillation_loss(student, teacher_lm_head: torch.nn.Module, batch: Batch,
     student_logits = student.logits(out.hidden[at])[None]
     with torch.no_grad():
         teacher_logits = teacher_lm_head(batch.teacher_hidden[at])[None]  # exact: see teacher_cache
-    terms = {"L_task": L_task(student_logits, labels, batch.task_mask[at][None]),
+    # L_task's cross-entropy only at answer positions: with distill_positions=all they are a
+    # few of the N, and a [N, V] log-softmax is a large share of a small model's step.
+    task = batch.task_mask[at].bool()
+    terms = {"L_task": L_task(student_logits[:, task], labels[:, task],
+                              torch.ones_like(labels[:, task])),
              "L_KD": L_KD(student_logits, teacher_logits, batch.distill_mask[at][None], w.temperature)}
     projected = student.hidden_state_projector(out.hidden)
     terms["L_align_hidden"] = L_align_hidden(projected, batch.teacher_hidden, batch.distill_mask,

@@ -45,9 +45,13 @@ def to_bf16_bytes(t: torch.Tensor) -> bytes:
     return t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
 
 
+def bf16_tensor(data: bytes) -> torch.Tensor:
+    """The flat bf16 tensor `to_bf16_bytes` wrote (copied: the tensor owns its memory)."""
+    return torch.frombuffer(bytearray(data), dtype=torch.bfloat16)
+
+
 def from_bf16_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
-    flat = torch.frombuffer(bytearray(data), dtype=torch.bfloat16)
-    return flat.view(*shape).float()
+    return bf16_tensor(data).view(*shape).float()
 
 
 def training_contexts(rows: pd.DataFrame) -> pd.DataFrame:

@@ -21,12 +21,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from distill_core.config import ExperimentConfig
-from distill_core.encoding import pad_batch
 from distill_core.models import init_model, load_causal_lm, load_lm_head, load_tokenizer
 from distill_core.objective import Batch, distillation_loss, loss_weights
 from distill_core.storage import atomic_directory
 from distill_core.student import DistillationStudent
-from distill_core.teacher_cache import from_bf16_bytes, read_teacher_cache
+from distill_core.teacher_cache import bf16_tensor, read_teacher_cache
 
 CHECKPOINT_META = "kdbench.json"
 
@@ -38,28 +37,39 @@ class CacheData:
         self.rows = pd.concat([read_teacher_cache(Path(d)) for d in cache_dirs], ignore_index=True)
         self.distill_positions = distill_positions
         self.pad_id = pad_id
+        # Decoded once into tensors: a trial reads every row again and again for hundreds of
+        # steps, and per-step decoding was ~10% of a tiny student's step.
+        self._ids = [torch.as_tensor(r, dtype=torch.long) for r in self.rows["input_ids"]]
+        self._answer = [torch.as_tensor(r, dtype=torch.long) for r in self.rows["answer_mask"]]
+        self._hidden = [bf16_tensor(h) for h in self.rows["hidden"]]
+        self._attention = [bf16_tensor(a) for a in self.rows["attention"]]
+        self._queries = [torch.as_tensor(q, dtype=torch.long) for q in self.rows["attn_queries"]]
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, indices: list[int], d_teacher: int, heads: int) -> Batch:
-        rows = self.rows.iloc[indices]
-        ids, attn = pad_batch([list(r) for r in rows["input_ids"]], self.pad_id)
-        answer, _ = pad_batch([list(r) for r in rows["answer_mask"]], 0)
-        b, t = ids.shape
+        b = len(indices)
+        t = max(len(self._ids[r]) for r in indices)
+        q_max = max(len(self._queries[r]) for r in indices) or 1
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        attn = torch.zeros(b, t, dtype=torch.long)
+        answer = torch.zeros(b, t, dtype=torch.long)
+        hidden = torch.zeros(b, t, d_teacher)
+        attention = torch.zeros(b, heads, q_max, t)
+        queries = torch.full((b, q_max), -1, dtype=torch.long)
+        for i, row in enumerate(indices):
+            n, q = len(self._ids[row]), self._queries[row]
+            ids[i, :n] = self._ids[row]
+            attn[i, :n] = 1
+            answer[i, :n] = self._answer[row]
+            hidden[i, :n] = self._hidden[row].view(n, d_teacher)
+            queries[i, : len(q)] = q
+            attention[i, :, : len(q), :n] = self._attention[row].view(heads, len(q), n)
         task_mask = torch.zeros_like(answer)
         task_mask[:, :-1] = answer[:, 1:]
         distill_mask = torch.zeros_like(attn)
         distill_mask[:, :-1] = attn[:, 1:] if self.distill_positions == "all" else answer[:, 1:]
-        hidden = torch.zeros(b, t, d_teacher)
-        q_max = max(len(q) for q in rows["attn_queries"]) or 1
-        attention = torch.zeros(b, heads, q_max, t)
-        queries = torch.full((b, q_max), -1, dtype=torch.long)
-        for i, (n, h, q, a) in enumerate(zip(rows["n_tokens"], rows["hidden"],
-                                             rows["attn_queries"], rows["attention"])):
-            hidden[i, :n] = from_bf16_bytes(h, (n, d_teacher))
-            queries[i, : len(q)] = torch.as_tensor(q, dtype=torch.long)
-            attention[i, :, : len(q), :n] = from_bf16_bytes(a, (heads, len(q), n))
         return Batch(ids, attn, task_mask, distill_mask, hidden, attention, queries)
 
 
