@@ -120,3 +120,54 @@ def aggregate_attention(probs, chunks: list[list[int]]):
     for k, chunk in enumerate(chunks):
         member[chunk, k] = 1.0
     return probs[:, last, :] @ member
+
+
+@dataclass(frozen=True)
+class AlignedExample:
+    """One training row tokenized by both models, with the chunks that align them.
+
+    Chunk 0 is BOS on both sides and the last chunk is EOS on both sides (special tokens have
+    no text; both models have one of each); the chunks between align the text. A chunk is
+    given by the index of its last token on each side: chunk k spans (ends[k-1], ends[k]].
+    """
+
+    student_ids: list[int]
+    answer_mask: list[int]          # on the student's tokens
+    teacher_ids: list[int]
+    student_chunk_ends: list[int]
+    teacher_chunk_ends: list[int]
+
+    def __len__(self) -> int:
+        return len(self.student_chunk_ends)
+
+    @property
+    def chunk_has_answer(self) -> list[bool]:
+        """Whether each chunk holds an answer token (of the student's tokenization)."""
+        out, start = [], 0
+        for end in self.student_chunk_ends:
+            out.append(any(self.answer_mask[start:end + 1]))
+            start = end + 1
+        return out
+
+
+def align_encoded(student, teacher) -> AlignedExample:
+    """Align two `encoding.Encoded` of the same text (BOS + text tokens + EOS each)."""
+    if student.text != teacher.text:
+        raise ValueError("aligned encodings must be of the same text")
+    if student.offsets == teacher.offsets:  # one tokenizer: every token is its own chunk
+        ends_s = ends_t = list(range(len(student.input_ids)))
+    else:
+        text_chunks = align_offsets(student.text, list(student.offsets), list(teacher.offsets))
+        ends_s = [0, *(e + 1 for e in text_chunks.last_a), len(student.input_ids) - 1]
+        ends_t = [0, *(e + 1 for e in text_chunks.last_b), len(teacher.input_ids) - 1]
+    return AlignedExample(student.input_ids, student.answer_mask, teacher.input_ids,
+                          ends_s, ends_t)
+
+
+def chunk_of_token(chunk_ends: list[int]) -> list[int]:
+    """The chunk index of every token, from the chunks' last-token indices."""
+    out, start = [], 0
+    for k, end in enumerate(chunk_ends):
+        out += [k] * (end + 1 - start)
+        start = end + 1
+    return out

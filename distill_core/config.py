@@ -67,7 +67,11 @@ class DataConfig(_Strict):
 
 
 class TokenizerConfig(_Strict):
-    kind: Literal["byte_level_bpe"] = "byte_level_bpe"
+    """A tokenizer the project trains with `tokenizers` (models built here, source train/init):
+    byte-level BPE with `Ġ` spaces as Llama-3's, or a SentencePiece-style BPE with `▁` spaces
+    and byte fallback as Llama-2's/TinyLlama's."""
+
+    kind: Literal["byte_level_bpe", "sentencepiece_bpe"] = "byte_level_bpe"
     vocab_size: int = Field(600, ge=300)
 
 
@@ -77,11 +81,15 @@ class ModelConfig(_Strict):
     source: Literal["train", "init", "hub"]
     hub_id: str | None = None
     revision: str | None = None
+    tokenizer: TokenizerConfig | None = None  # train/init: the one to train; hub: its own
     hidden_size: int | None = Field(None, ge=8)
     num_layers: int | None = Field(None, ge=1)
     num_heads: int | None = Field(None, ge=1)
     num_kv_heads: int | None = Field(None, ge=1)
     intermediate_size: int | None = Field(None, ge=8)
+    # hub: the model's vocabulary size, declared (with the sizes above) so that the cache can
+    # be estimated before anything is downloaded; checked against config.json on download.
+    vocab_size: int | None = Field(None, ge=2)
     train_epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -92,7 +100,11 @@ class ModelConfig(_Strict):
         if self.source == "hub":
             if not self.hub_id:
                 raise ValueError("source 'hub' needs hub_id (e.g. meta-llama/Meta-Llama-3-8B)")
+            if self.tokenizer is not None:
+                raise ValueError("source 'hub' uses the hub model's own tokenizer: drop tokenizer")
             return self
+        if self.tokenizer is None:
+            raise ValueError(f"source '{self.source}' needs tokenizer (kind, vocab_size) to train")
         sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
         missing = [s for s in sizes if getattr(self, s) is None]
         if missing:
@@ -109,6 +121,13 @@ class CacheConfig(_Strict):
     actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0, ge=0)
     attention_queries: Literal["answer", "all"] = "answer"
+    # The logit signal: `hidden` (the teacher's final hidden state at chunk ends; its lm_head
+    # rebuilds the exact logits at training time) or also `topk` log-probabilities, the
+    # cheaper signal that needs no teacher lm_head at training time (biased by truncation).
+    logits: Literal["hidden", "topk"] = "hidden"
+    top_k: int = Field(32, ge=1)
+    # Refuse to build a cache larger than this (all tasks together); None: no limit.
+    budget_gib: float | None = Field(None, gt=0)
 
 
 class DistillConfig(_Strict):
@@ -122,6 +141,13 @@ class DistillConfig(_Strict):
     distill_positions: Literal["all", "answer"] = "all"
     # L_align_hidden as plain MSE, or divided by the teacher's mean square (scale-free)
     hidden_loss: Literal["mse", "normalized_mse"] = "mse"
+    # L_KD when the vocabularies differ: the teacher's distribution mapped onto the student's
+    # vocabulary (`map`), or ULD's sorted-probability L1 (`uld`). One vocabulary: exact KL.
+    kd_across_vocab: Literal["map", "uld"] = "map"
+    # L_align_attn: head i against head i (`per_head`), or both models' head averages (`mean`,
+    # for head counts that differ or heads with no reason to correspond); MSE or KL (MiniLM).
+    attention_heads: Literal["per_head", "mean"] = "per_head"
+    attention_loss: Literal["mse", "kl"] = "mse"
     steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
@@ -163,16 +189,30 @@ class EvalConfig(_Strict):
     batch_size: int = Field(32, ge=1)
 
 
+class EstimateConfig(_Strict):
+    """For `kdbench estimate` on a preset whose tokenizers cannot be had here (hub models):
+    typical row lengths of its datasets and characters per token of each tokenizer."""
+
+    chars_per_row: dict[str, int]          # prompt + answer, mean over the training rows
+    answer_chars_per_row: dict[str, int]
+    chars_per_token: dict[Literal["teacher", "student"], float]
+
+    @field_validator("chars_per_row", "answer_chars_per_row")
+    @classmethod
+    def _tasks(cls, v: dict[str, int], info) -> dict[str, int]:
+        return _per_task(v, info.field_name, 1)
+
+
 class ExperimentConfig(_Strict):
     name: str = Field(min_length=1)
     data: DataConfig
-    tokenizer: TokenizerConfig = TokenizerConfig()
     teacher: ModelConfig
     student: ModelConfig
     max_length: int = Field(256, ge=16)
     cache: CacheConfig = CacheConfig()
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
+    estimate: EstimateConfig | None = None
 
     @model_validator(mode="after")
     def _pair(self) -> "ExperimentConfig":
@@ -181,9 +221,10 @@ class ExperimentConfig(_Strict):
             raise ValueError("teacher.source must be 'train' or 'hub': an untrained teacher teaches nothing")
         if s.source == "train":
             raise ValueError("student.source must be 'init' or 'hub': students are trained by the grid")
-        if t.num_heads and s.num_heads and t.num_heads != s.num_heads:
-            # L_align_attn compares head i with head i.
-            raise ValueError(f"teacher.num_heads {t.num_heads} != student.num_heads {s.num_heads}")
+        if (self.distill.attention_heads == "per_head" and t.num_heads and s.num_heads
+                and t.num_heads != s.num_heads):
+            raise ValueError(f"teacher.num_heads {t.num_heads} != student.num_heads {s.num_heads}: "
+                             "per-head L_align_attn needs equal counts (or distill.attention_heads: mean)")
         return self
 
     @property

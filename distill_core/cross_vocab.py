@@ -2,7 +2,7 @@
 tokenizers differ), compared at chunk ends where both models predict the same next text.
 
 - `vocabulary_map` + `project_to_student`: each teacher token is carried to the student token
-  its text starts with (the student's first token of that text). Assumes the next-token event
+  its text starts with (the longest such student token, leading space included). Assumes the next-token event
   "text starting with s" is what the student's token s stands for; several teacher tokens can
   land on one student token (their mass adds up). Teacher tokens whose text the student cannot
   start (special tokens, empty text) are unmappable: their mass is reported and the rest is
@@ -17,24 +17,44 @@ from __future__ import annotations
 import torch
 
 
+def token_texts(tokenizer) -> list[str | None]:
+    """The text every token stands for, its leading space included (None: special, or a byte
+    that is only part of a character). Decoded after an anchor token, because SentencePiece
+    decoders drop the leading space of a sequence's first token."""
+    special = set(tokenizer.all_special_ids)
+    anchor = tokenizer("a", add_special_tokens=False)["input_ids"][:1]
+    prefix = tokenizer.decode(anchor)
+    out: list[str | None] = []
+    for tid in range(len(tokenizer)):
+        text = None if tid in special else tokenizer.decode(anchor + [tid])
+        if text is not None and text.startswith(prefix):
+            text = text[len(prefix):]
+        out.append(text if text and "\ufffd" not in text else None)
+    return out
+
+
 def vocabulary_map(teacher_tokenizer, student_tokenizer) -> torch.Tensor:
-    """[V_teacher] student id for every teacher id, -1 where the token cannot be mapped.
-    One vocabulary on both sides maps every token to itself."""
+    """[V_teacher] student id for every teacher id, -1 where the token cannot be mapped: the
+    longest student token that the teacher token's text starts with (leading space included,
+    so a word-initial teacher token lands on a word-initial student token). One vocabulary on
+    both sides maps every token to itself."""
     special = set(teacher_tokenizer.all_special_ids)
     mapping = torch.full((len(teacher_tokenizer),), -1, dtype=torch.long)
-    same = teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab()
-    for tid in range(len(teacher_tokenizer)):
-        if tid in special:
+    if teacher_tokenizer.get_vocab() == student_tokenizer.get_vocab():
+        regular = [t for t in range(len(teacher_tokenizer)) if t not in special]
+        mapping[regular] = torch.tensor(regular)
+        return mapping
+    by_text: dict[str, int] = {}
+    for sid, text in enumerate(token_texts(student_tokenizer)):
+        if text is not None:
+            by_text.setdefault(text, sid)
+    for tid, text in enumerate(token_texts(teacher_tokenizer)):
+        if text is None:
             continue
-        if same:
-            mapping[tid] = tid
-            continue
-        text = teacher_tokenizer.decode([tid])
-        if not text or "\ufffd" in text:  # empty, or a byte that is only part of a character
-            continue
-        ids = student_tokenizer(text, add_special_tokens=False)["input_ids"]
-        if ids:
-            mapping[tid] = ids[0]
+        for length in range(len(text), 0, -1):
+            if text[:length] in by_text:
+                mapping[tid] = by_text[text[:length]]
+                break
     return mapping
 
 
@@ -59,3 +79,31 @@ def uld_distance(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> to
     s = torch.nn.functional.pad(s, (0, width - s.shape[-1]))
     t = torch.nn.functional.pad(t, (0, width - t.shape[-1]))
     return (s - t).abs().sum(-1)
+
+
+class VocabularyBridge:
+    """How a trial turns the teacher's next-token distribution into an L_KD target: the
+    vocabulary map (from the cache) and whether both models share one vocabulary (then L_KD is
+    the plain, exact KL)."""
+
+    def __init__(self, mapping: torch.Tensor, student_vocab: int):
+        self.mapping = mapping.long()
+        self.student_vocab = student_vocab
+        mapped = self.mapping >= 0
+        self.same = (len(mapping) == student_vocab and bool(mapped.any())
+                     and bool((self.mapping[mapped] == torch.nonzero(mapped).squeeze(-1)).all()))
+
+    @property
+    def teacher_vocab(self) -> int:
+        return len(self.mapping)
+
+    def to_student(self, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[N, V_teacher] -> (target over the student's vocabulary, unmappable mass [N])."""
+        return project_to_student(teacher_probs, self.mapping, self.student_vocab)
+
+    def topk_probs(self, ids: torch.Tensor, logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
+        """The teacher distribution [N, V_teacher] that top-k log-probabilities [N, k] give at
+        `temperature`: renormalized over the k tokens (truncation puts the tail's mass on them)."""
+        probs = torch.softmax(logprobs.float() / temperature, -1)
+        dense = torch.zeros(ids.shape[0], self.teacher_vocab)
+        return dense.scatter_add_(1, ids.long(), probs)

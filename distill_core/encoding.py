@@ -16,6 +16,8 @@ import torch
 class Encoded:
     input_ids: list[int]
     answer_mask: list[int]  # 1 where the token is part of the answer (EOS included)
+    text: str = ""          # context + answer, the string the offsets refer to
+    offsets: tuple[tuple[int, int], ...] = ()  # character span of each text token (no BOS/EOS)
 
 
 def encode_example(tokenizer, context: str, answer: str, max_length: int, row_id: str = "?") -> Encoded:
@@ -28,7 +30,7 @@ def encode_example(tokenizer, context: str, answer: str, max_length: int, row_id
     if len(ids) > max_length:
         raise ValueError(f"row {row_id}: {len(ids)} tokens exceed max_length={max_length}; "
                          "raise max_length in the preset or shorten the prompt")
-    return Encoded(ids, mask)
+    return Encoded(ids, mask, context + answer, tuple(map(tuple, enc["offset_mapping"])))
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:

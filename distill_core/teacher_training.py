@@ -21,7 +21,7 @@ from distill_core.encoding import encode_example, pad_batch
 from distill_core.models import init_model, load_tokenizer
 from distill_core.storage import atomic_directory
 from distill_core.teacher_cache import training_contexts
-from distill_core.tokenizer_training import train_byte_level_bpe
+from distill_core.tokenizer_training import train_tokenizer
 
 
 def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, loss: None):
@@ -64,29 +64,50 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, l
 
 
 def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step, loss: None) -> dict:
-    """The teacher_model asset's work: a local HF dir holding the frozen teacher and, under
-    `student_tokenizer/`, the student's tokenizer. tiny: train the tokenizer and the teacher
-    on `train_rows` (all tasks); hub: download the pinned revision's safetensors once."""
+    """The teacher_model asset's work: a local HF dir holding the frozen teacher with its
+    tokenizer and, under `student_tokenizer/`, the student's tokenizer. tiny: train both
+    tokenizers (different families and sizes, as the real pair's) and the teacher on
+    `train_rows` (all tasks); hub: download the pinned revision's safetensors once."""
     out_dir = Path(out_dir)
+    contexts = training_contexts(pd.concat(train_rows, ignore_index=True))
+    texts = list(contexts["context"] + contexts["answer"])
     with atomic_directory(out_dir) as tmp:
         if cfg.teacher.source == "hub":
             from huggingface_hub import snapshot_download
 
             snapshot_download(cfg.teacher.hub_id, revision=cfg.teacher.revision, local_dir=tmp,
                               allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
+            check_declared_sizes(cfg.teacher, tmp / "config.json")
             info = {"source": cfg.teacher.hub_id, "revision": cfg.teacher.revision}
-            load_tokenizer(cfg.student.hub_id, cfg.student.revision).save_pretrained(
-                tmp / "student_tokenizer")
         else:
-            contexts = training_contexts(pd.concat(train_rows, ignore_index=True))
-            tokenizer = train_byte_level_bpe(list(contexts["context"] + contexts["answer"]),
-                                             cfg.tokenizer.vocab_size)
+            tokenizer = train_tokenizer(cfg.teacher.tokenizer, texts)
             started = time.perf_counter()
             model, info = train_teacher(contexts, tokenizer, cfg, log)
             info["train_seconds"] = round(time.perf_counter() - started, 1)
             info["parameters"] = sum(p.numel() for p in model.parameters())
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            # One tokenizer for both models in this preset; cross-tokenizer pairs need alignment.
-            tokenizer.save_pretrained(tmp / "student_tokenizer")
+        if cfg.student.source == "hub":
+            student_tokenizer = load_tokenizer(cfg.student.hub_id, cfg.student.revision)
+        else:
+            student_tokenizer = train_tokenizer(cfg.student.tokenizer, texts)
+        student_tokenizer.save_pretrained(tmp / "student_tokenizer")
+        info["teacher_vocab"] = len(load_tokenizer(tmp))
+        info["student_vocab"] = len(student_tokenizer)
     return info
+
+
+def check_declared_sizes(model_cfg, config_json: Path) -> None:
+    """A hub model's sizes, where the preset declares them (for `kdbench estimate`), must be
+    the downloaded config's: otherwise the estimate and the budget check were of another model."""
+    import json
+
+    actual = json.loads(Path(config_json).read_text())
+    names = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers",
+             "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+             "intermediate_size": "intermediate_size", "vocab_size": "vocab_size"}
+    for ours, theirs in names.items():
+        declared = getattr(model_cfg, ours, None)
+        if declared is not None and actual.get(theirs) != declared:
+            raise ValueError(f"{model_cfg.hub_id}@{model_cfg.revision}: config.json has "
+                             f"{theirs}={actual.get(theirs)}, the preset declares {ours}={declared}")

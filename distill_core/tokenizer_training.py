@@ -1,17 +1,26 @@
-"""Train the tiny preset's tokenizer with `tokenizers`: byte-level BPE, as Llama-3 uses.
+"""Train the tiny preset's tokenizers with `tokenizers`, in the two families of the real pair:
 
-Digits are split one per token so that arithmetic is learnable by a tiny model, and offsets are
-kept so that answer tokens can be located by character position.
+- byte-level BPE (Llama-3): a word's leading space is the `Ġ` byte of its first token, and
+  offsets are trimmed so that the token starts after the space;
+- SentencePiece-style BPE (Llama-2, TinyLlama): spaces become `▁`, the first word gets one too
+  (prepend_scheme "first"), unknown characters fall back to bytes (`<0x..>`).
+
+Digits are split one per token in both, so that arithmetic is learnable by a tiny model.
+Offsets are kept, so that answer tokens can be located and the two tokenizations aligned by
+character position (distill_core.alignment).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from distill_core.config import TokenizerConfig
+
 PAD, BOS, EOS = "<|pad|>", "<|begin_of_text|>", "<|end_of_text|>"
+SP_UNK, SP_BOS, SP_EOS, SP_PAD = "<unk>", "<s>", "</s>", "<pad>"
 
 
 def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -30,3 +39,26 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
     # BOS/EOS are added by distill_core.encoding, explicitly, so that every caller agrees.
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
                                    eos_token=EOS, padding_side="right")
+
+
+def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token=SP_UNK, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
+    ])
+    tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(
+        replacement="▁", prepend_scheme="first")])
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback needs them in the vocab
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,  # in all, byte tokens included
+                                  special_tokens=[SP_UNK, SP_BOS, SP_EOS, SP_PAD, *byte_tokens],
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SP_UNK, bos_token=SP_BOS,
+                                   eos_token=SP_EOS, pad_token=SP_PAD, padding_side="right")
+
+
+def train_tokenizer(cfg: TokenizerConfig, texts: list[str]) -> PreTrainedTokenizerFast:
+    if cfg.kind == "byte_level_bpe":
+        return train_byte_level_bpe(texts, cfg.vocab_size)
+    return train_sentencepiece_bpe(texts, cfg.vocab_size)

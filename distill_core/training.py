@@ -25,7 +25,9 @@ from distill_core.models import init_model, load_causal_lm, load_lm_head, load_t
 from distill_core.objective import Batch, distillation_loss, loss_weights
 from distill_core.storage import atomic_directory
 from distill_core.student import DistillationStudent
-from distill_core.teacher_cache import bf16_tensor, read_teacher_cache
+from distill_core.alignment import chunk_of_token
+from distill_core.cross_vocab import VocabularyBridge
+from distill_core.teacher_cache import bf16_tensor, read_teacher_cache, read_vocabulary_map
 
 CHECKPOINT_META = "kdbench.json"
 
@@ -33,44 +35,79 @@ CHECKPOINT_META = "kdbench.json"
 class CacheData:
     """The concatenated teacher caches of all tasks, in a fixed order, batched on demand."""
 
-    def __init__(self, cache_dirs: list[str], distill_positions: str, pad_id: int):
+    def __init__(self, cache_dirs: list[str], distill_positions: str, pad_id: int,
+                 d_teacher: int, teacher_heads: int):
         self.rows = pd.concat([read_teacher_cache(Path(d)) for d in cache_dirs], ignore_index=True)
-        self.distill_positions = distill_positions
-        self.pad_id = pad_id
+        self.pad_id, self.d_teacher, self.heads = pad_id, d_teacher, teacher_heads
         # Decoded once into tensors: a trial reads every row again and again for hundreds of
         # steps, and per-step decoding was ~10% of a tiny student's step.
-        self._ids = [torch.as_tensor(r, dtype=torch.long) for r in self.rows["input_ids"]]
-        self._answer = [torch.as_tensor(r, dtype=torch.long) for r in self.rows["answer_mask"]]
-        self._hidden = [bf16_tensor(h) for h in self.rows["hidden"]]
-        self._attention = [bf16_tensor(a) for a in self.rows["attention"]]
-        self._queries = [torch.as_tensor(q, dtype=torch.long) for q in self.rows["attn_queries"]]
+        r = self.rows
+        self._ids = [torch.as_tensor(x, dtype=torch.long) for x in r["input_ids"]]
+        self._answer = [torch.as_tensor(x, dtype=torch.long) for x in r["answer_mask"]]
+        self._ends = [torch.as_tensor(x, dtype=torch.long) for x in r["student_chunk_ends"]]
+        self._token_chunk = [torch.as_tensor(chunk_of_token(list(x)), dtype=torch.long)
+                             for x in r["student_chunk_ends"]]
+        self._distill = [self._distilled_chunks(a, e, distill_positions)
+                         for a, e in zip(self._answer, self._ends)]
+        self._hidden = [bf16_tensor(h) for h in r["hidden"]]
+        self._attention = [bf16_tensor(a) for a in r["attention"]]
+        self._queries = [torch.as_tensor(q, dtype=torch.long) for q in r["attn_queries"]]
+        self.top_k = len(r["topk_ids"].iloc[0]) // len(r["student_chunk_ends"].iloc[0]) if len(r) else 0
+        if self.top_k:
+            self._topk_ids = [torch.as_tensor(x, dtype=torch.long) for x in r["topk_ids"]]
+            self._topk_logprobs = [bf16_tensor(x) for x in r["topk_logprobs"]]
+
+    @staticmethod
+    def _distilled_chunks(answer: torch.Tensor, ends: torch.Tensor, which: str) -> torch.Tensor:
+        """Chunks whose prediction L_KD / L_align_hidden use: all but the last, or those
+        followed by a chunk with answer tokens."""
+        keep = torch.zeros(len(ends), dtype=torch.long)
+        if which == "all":
+            keep[:-1] = 1
+        else:
+            starts = torch.cat([torch.zeros(1, dtype=torch.long), ends[:-1] + 1])
+            has_answer = torch.stack([answer[s:e + 1].any() for s, e in zip(starts, ends)])
+            keep[:-1] = has_answer[1:].long()
+        return keep
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batch(self, indices: list[int], d_teacher: int, heads: int) -> Batch:
-        b = len(indices)
+    def batch(self, indices: list[int]) -> Batch:
+        b, d, heads = len(indices), self.d_teacher, self.heads
         t = max(len(self._ids[r]) for r in indices)
+        c = max(len(self._ends[r]) for r in indices)
         q_max = max(len(self._queries[r]) for r in indices) or 1
         ids = torch.full((b, t), self.pad_id, dtype=torch.long)
         attn = torch.zeros(b, t, dtype=torch.long)
         answer = torch.zeros(b, t, dtype=torch.long)
-        hidden = torch.zeros(b, t, d_teacher)
-        attention = torch.zeros(b, heads, q_max, t)
+        token_chunk = torch.full((b, t), -1, dtype=torch.long)
+        ends = torch.zeros(b, c, dtype=torch.long)
+        distill = torch.zeros(b, c, dtype=torch.long)
+        hidden = torch.zeros(b, c, d)
+        attention = torch.zeros(b, heads, q_max, c)
         queries = torch.full((b, q_max), -1, dtype=torch.long)
+        k = self.top_k
+        topk_ids = torch.zeros(b, c, k, dtype=torch.long) if k else None
+        topk_logprobs = torch.zeros(b, c, k) if k else None
         for i, row in enumerate(indices):
-            n, q = len(self._ids[row]), self._queries[row]
+            n, m, q = len(self._ids[row]), len(self._ends[row]), self._queries[row]
             ids[i, :n] = self._ids[row]
             attn[i, :n] = 1
             answer[i, :n] = self._answer[row]
-            hidden[i, :n] = self._hidden[row].view(n, d_teacher)
+            token_chunk[i, :n] = self._token_chunk[row]
+            ends[i, :m] = self._ends[row]
+            distill[i, :m] = self._distill[row]
+            hidden[i, :m] = self._hidden[row].view(m, d)
             queries[i, : len(q)] = q
-            attention[i, :, : len(q), :n] = self._attention[row].view(heads, len(q), n)
+            attention[i, :, : len(q), :m] = self._attention[row].view(heads, len(q), m)
+            if k:
+                topk_ids[i, :m] = self._topk_ids[row].view(m, k)
+                topk_logprobs[i, :m] = self._topk_logprobs[row].view(m, k)
         task_mask = torch.zeros_like(answer)
         task_mask[:, :-1] = answer[:, 1:]
-        distill_mask = torch.zeros_like(attn)
-        distill_mask[:, :-1] = attn[:, 1:] if self.distill_positions == "all" else answer[:, 1:]
-        return Batch(ids, attn, task_mask, distill_mask, hidden, attention, queries)
+        return Batch(ids, attn, task_mask, ends, distill, token_chunk, hidden, attention, queries,
+                     topk_ids, topk_logprobs)
 
 
 class BatchSchedule:
@@ -176,12 +213,17 @@ def train_student(config: dict) -> None:
     tokenizer = load_tokenizer(config["student_tokenizer_dir"])
     teacher_config = json.loads((Path(config["teacher_dir"]) / "config.json").read_text())
     d_teacher, heads = teacher_config["hidden_size"], teacher_config["num_attention_heads"]
-    teacher_head = load_lm_head(config["teacher_dir"])
-    data = CacheData(config["cache_dirs"], dcfg.distill_positions, tokenizer.pad_token_id)
+    data = CacheData(config["cache_dirs"], dcfg.distill_positions, tokenizer.pad_token_id,
+                     d_teacher, heads)
+    # The teacher's lm_head rebuilds its exact logits from the cached hidden states; a top-k
+    # cache carries its logit signal itself.
+    teacher_head = None if data.top_k else load_lm_head(config["teacher_dir"])
     schedule = BatchSchedule(list(data.rows["task"]), dcfg.batch_size, seed)
     weights = loss_weights(group, dcfg)
 
     student = build_student(cfg, tokenizer, d_teacher, seed)
+    vocab = VocabularyBridge(read_vocabulary_map(Path(config["cache_dirs"][0])),
+                             student.model.config.vocab_size)
     optimizer = torch.optim.AdamW(student.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
     warmup = max(1, dcfg.steps // 20)
 
@@ -213,8 +255,8 @@ def train_student(config: dict) -> None:
     for step in range(start_step, dcfg.steps):
         for g in optimizer.param_groups:
             g["lr"] = dcfg.lr * lr_factor(step)
-        batch = data.batch(schedule.batch(step), d_teacher, heads)
-        loss, terms = distillation_loss(student, teacher_head, batch, weights)
+        batch = data.batch(schedule.batch(step))
+        loss, terms = distillation_loss(student, teacher_head, batch, weights, vocab)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"trial {group}-seed{seed}: loss is {loss.item()} at step {step} "
                                      f"(terms {terms}); lower distill.lr or check the teacher cache")

@@ -4,12 +4,14 @@ writes under a path derived from the versions that produced it, and describes th
 
 import hashlib
 import json
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
 from mlflow.entities import Metric
 
-from distill_core import evaluation, grid, statistics, tasks, teacher_cache, teacher_training
+from distill_core import (cache_size, evaluation, grid, statistics, tasks, teacher_cache,
+                          teacher_training)
 from distill_core.config import TASKS
 from distill_core.storage import write_parquet_atomic
 from distill_core.training import write_untrained_student
@@ -70,7 +72,8 @@ def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResou
     pinned hub revision), with the student's tokenizer beside it."""
     cfg = experiment.config()
     inputs = {t: upstream(context, "train_examples", t) for t in TASKS}
-    identity = [cfg.teacher.model_dump(), cfg.tokenizer.model_dump(), cfg.max_length,
+    identity = [cfg.teacher.model_dump(), cfg.student.tokenizer and cfg.student.tokenizer.model_dump(),
+                cfg.student.hub_id, cfg.student.revision, cfg.max_length,
                 {t: m["sha256"] for t, m in inputs.items()}]
     out_dir = experiment.root() / "teacher" / _key(identity)
     rows = [pd.read_parquet(inputs[t]["path"]) for t in TASKS]
@@ -87,30 +90,56 @@ def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResou
 
 @dg.asset(name="teacher_cache", partitions_def=task_partitions, deps=[train_examples, teacher_model],
           group_name="teacher", kinds={"ray", "parquet"},
-          code_version=code_version_of("teacher_cache", "final_layer_attention", "encoding", "models"))
+          code_version=code_version_of("teacher_cache", "final_layer_attention", "encoding", "models",
+                                       "alignment", "cross_vocab", "cache_size"))
 def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                         ray_cluster: RayResource):
-    """The teacher's signals on one task's training rows (final hidden states, whose lm_head
-    gives the exact logits, and final-layer attention), written by Ray Data as Parquet."""
+    """The teacher's signals on one task's training rows, aligned to the student's tokens
+    (final hidden states at chunk ends, whose lm_head gives the exact logits; final-layer
+    attention over chunks), written by Ray Data as Parquet. Estimated and checked against
+    cache.budget_gib before the build."""
+    from distill_core.models import load_tokenizer
+
     cfg = experiment.config()
     task = context.partition_key
     rows = upstream(context, "train_examples", task)
     teacher = upstream(context, "teacher_model")
-    identity = {"teacher": teacher["weights_sha256"], "tokenizer": teacher["student_tokenizer"],
-                "data": rows["sha256"], "cache": cfg.cache.model_dump(exclude={"actors", "batch_size"}),
+    student_tokenizer = load_tokenizer(teacher["student_tokenizer"])
+    # Identity: the teacher (weights hash; a hub teacher's id+revision are in its dir), the
+    # student tokenizer's vocabulary, the data version and the cache settings.
+    identity = {"teacher": teacher["weights_sha256"], "teacher_source": teacher.get("source"),
+                "teacher_revision": teacher.get("revision"),
+                "student_tokenizer": _key(sorted(student_tokenizer.get_vocab().items())),
+                "data": rows["sha256"], "cache": cfg.cache.model_dump(exclude={"actors", "batch_size",
+                                                                           "budget_gib"}),
                 "max_length": cfg.max_length}
     key = teacher_cache.cache_key(**identity)
     out_dir = experiment.root() / "teacher_cache" / task / key
+    contexts = teacher_cache.training_contexts(pd.read_parquet(rows["path"]))
+    teacher_config = json.loads((Path(teacher["path"]) / "config.json").read_text())
+    estimated = cache_size.estimate(
+        {task: cache_size.shapes_from_rows(contexts, student_tokenizer,
+                                           load_tokenizer(teacher["path"]), cfg.max_length,
+                                           cfg.cache.attention_queries)},
+        teacher_config["hidden_size"], teacher_config["num_attention_heads"], cfg.cache,
+        "exact shapes")
+    cache_size.check_budget(estimated, f"teacher_cache[{task}]")
     manifest = teacher_cache.build_teacher_cache(
-        teacher_cache.training_contexts(pd.read_parquet(rows["path"])), out_dir,
-        teacher_dir=teacher["path"], tokenizer_dir=teacher["student_tokenizer"],
-        max_length=cfg.max_length, attention_queries=cfg.cache.attention_queries,
-        batch_size=cfg.cache.batch_size, actors=cfg.cache.actors,
-        num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity)
+        contexts, out_dir, teacher_dir=teacher["path"],
+        student_tokenizer_dir=teacher["student_tokenizer"], max_length=cfg.max_length,
+        attention_queries=cfg.cache.attention_queries, logits=cfg.cache.logits,
+        top_k=cfg.cache.top_k, batch_size=cfg.cache.batch_size, actors=cfg.cache.actors,
+        num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity, estimate=estimated)
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(str(out_dir)), "cache_key": key,
-                  "rows": manifest["rows"], "tokens": manifest["tokens"], "bytes": manifest["bytes"],
+                  "rows": manifest["rows"], "tokens": manifest["tokens"],
+                  "teacher_tokens": manifest["teacher_tokens"], "chunks": manifest["chunks"],
+                  "bytes": manifest["bytes"],
                   "bytes_per_token": round(manifest["bytes"] / max(1, manifest["tokens"]), 1),
+                  "estimated_bytes": estimated["total_bytes"],
+                  "estimated_bytes_per_signal": dg.MetadataValue.json(estimated["bytes"]),
+                  "estimated_bytes_per_token": dg.MetadataValue.json(estimated["bytes_per_token"]),
+                  "vocabulary_map_coverage": manifest["vocabulary_map_coverage"],
                   "shards": len(manifest["files"])},
         data_version=dg.DataVersion(key))
 
@@ -119,7 +148,8 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
 
 @dg.asset(deps=[teacher_cache_asset, teacher_model], group_name="students", kinds={"ray", "mlflow"},
           code_version=code_version_of("training", "objective", "losses", "student", "grid",
-                                       "final_layer_attention", "tracking", "models", "encoding"))
+                                       "final_layer_attention", "tracking", "models", "encoding",
+                                       "alignment", "cross_vocab"))
 def student_checkpoints(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                         ray_cluster: RayResource, mlflow: MLflowResource):
     """The groups x seeds grid, one Ray Tune run; each trial is a nested MLflow child run of

@@ -1,4 +1,8 @@
-"""The `kdbench` command line: `kdbench demo [--preset NAME]` materializes the whole graph."""
+"""The `kdbench` command line.
+
+  kdbench demo [--preset NAME] [--set key=value ...]      materialize the whole asset graph
+  kdbench estimate [--preset NAME] [--set key=value ...]  the teacher cache's size, as JSON
+"""
 
 from __future__ import annotations
 
@@ -54,6 +58,19 @@ def demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def estimate(args: argparse.Namespace) -> int:
+    from distill_core.cache_size import estimate_preset
+    from distill_core.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.preset, _overrides(args.set))
+        print(json.dumps(estimate_preset(cfg), indent=2))
+    except (ConfigError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -62,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.seeds=2")
     p.set_defaults(func=demo)
+    p = sub.add_parser("estimate", help="print the teacher cache's size for a preset, as JSON")
+    p.add_argument("--preset", default="tiny", help="a name in configs/ or a YAML path")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set cache.attention_queries=all")
+    p.set_defaults(func=estimate)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -25,6 +25,13 @@ def test_every_shipped_preset_loads_and_validates(preset):
     ({"distill.checkpoint_every": 30, "distill.report_every": 20}, "distill"),
     ({"distill.alpha_task": 0.0, "distill.beta_kd": 0.0}, "distill"),
     ({"distill.lerning_rate": 0.1}, "distill.lerning_rate"),
+    ({"student.tokenizer": None}, "student"),
+    ({"teacher.tokenizer.kind": "wordpiece"}, "teacher.tokenizer.kind"),
+    ({"distill.kd_across_vocab": "nearest"}, "distill.kd_across_vocab"),
+    ({"distill.attention_loss": "cosine"}, "distill.attention_loss"),
+    ({"cache.logits": "full"}, "cache.logits"),
+    ({"cache.budget_gib": 0}, "cache.budget_gib"),
+    ({"student.num_heads": 2, "student.num_kv_heads": 2}, "(top level)"),
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -41,3 +48,16 @@ def test_overrides_reach_the_typed_config():
     cfg = load_config("tiny", {"distill.seeds": 2, "distill.groups": ["black_box", "combined"]})
     assert cfg.seeds == [0, 1]
     assert cfg.distill.groups == ["black_box", "combined"]
+
+
+def test_head_averaged_attention_allows_different_head_counts():
+    cfg = load_config("tiny", {"student.num_heads": 2, "student.num_kv_heads": 2,
+                               "distill.attention_heads": "mean"})
+    assert cfg.student.num_heads != cfg.teacher.num_heads
+
+
+def test_tiny_pair_uses_two_tokenizer_families_of_different_sizes():
+    cfg = load_config("tiny")
+    assert cfg.teacher.tokenizer.kind == "byte_level_bpe"
+    assert cfg.student.tokenizer.kind == "sentencepiece_bpe"
+    assert cfg.teacher.tokenizer.vocab_size != cfg.student.tokenizer.vocab_size

@@ -26,7 +26,7 @@ def caches(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data):
     for task in TASKS:
         build_teacher_cache(training_contexts(tiny_data[task]["train"]), root / task,
                             teacher_dir=str(tiny_teacher_dir),
-                            tokenizer_dir=str(tiny_teacher_dir / "student_tokenizer"),
+                            student_tokenizer_dir=str(tiny_teacher_dir / "student_tokenizer"),
                             max_length=256, attention_queries="answer", batch_size=16, actors=2,
                             num_gpus_per_actor=0, identity={"task": task})
     return [str(root / t) for t in TASKS]

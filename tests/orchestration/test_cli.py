@@ -1,4 +1,7 @@
-"""`kdbench demo` refuses a bad preset before any compute, naming the field."""
+"""`kdbench demo` refuses a bad preset before any compute, naming the field; `kdbench
+estimate` prints the cache's size as JSON."""
+
+import json
 
 import pytest
 
@@ -18,3 +21,19 @@ def test_unknown_preset_and_malformed_set(capsys):
     assert "unknown preset 'nope'" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="key=value"):
         main(["demo", "--set", "distill.seeds"])
+
+
+def test_estimate_of_the_paper_preset_needs_no_download(capsys):
+    assert main(["estimate", "--preset", "paper"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["d_teacher"] == 4096 and out["teacher_heads"] == 32
+    sst2 = out["tasks"]["sst2"]
+    assert sst2["rows"] == 20000
+    # hidden: 2 bytes x 4096 dims at every chunk end
+    assert sst2["bytes"]["hidden"] == 2 * 4096 * sst2["chunks"]
+    assert out["total_bytes"] == sum(out["bytes"].values()) and out["within_budget"]
+
+
+def test_estimate_says_when_a_preset_exceeds_its_budget(capsys):
+    assert main(["estimate", "--preset", "paper", "--set", "cache.budget_gib=1"]) == 0
+    assert json.loads(capsys.readouterr().out)["within_budget"] is False
