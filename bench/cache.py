@@ -1,7 +1,7 @@
 """Teacher-cache build throughput beside a bare teacher forward over the same batches, in one
 run, on the tiny preset's shapes and its two tokenizers; and the bytes a (student) token each
 signal takes on disk.
-Prints one JSON object.   usage: python bench/cache.py [--rows N]
+Prints one JSON object.   usage: python bench/cache.py [--rows N] [--actors K]
 
 The bare forward uses the whole machine (torch threads = cache actors); the cache build uses
 `cache.actors` Ray Data actors of one thread each, and includes both tokenizations, the
@@ -33,9 +33,13 @@ from distill_core.tokenizer_training import train_tokenizer
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=1500, help="training rows a task")
+    parser.add_argument("--actors", type=int, default=None, help="cache actors (default: preset's)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    cfg = load_config("tiny", {"data.train_size": {t: args.rows for t in TASKS}})
+    overrides = {"data.train_size": {t: args.rows for t in TASKS}}
+    if args.actors:
+        overrides["cache.actors"] = args.actors
+    cfg = load_config("tiny", overrides)
     rows = pd.concat([generate_task(t, cfg.data)["train"] for t in TASKS], ignore_index=True)
     contexts = training_contexts(rows)
     with tempfile.TemporaryDirectory() as tmp:

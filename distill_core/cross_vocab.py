@@ -14,7 +14,11 @@ tokenizers differ), compared at chunk ends where both models predict the same ne
 
 from __future__ import annotations
 
+import re
+
 import torch
+
+BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 def token_texts(tokenizer) -> list[str | None]:
@@ -45,9 +49,14 @@ def vocabulary_map(teacher_tokenizer, student_tokenizer) -> torch.Tensor:
         mapping[regular] = torch.tensor(regular)
         return mapping
     by_text: dict[str, int] = {}
-    for sid, text in enumerate(token_texts(student_tokenizer)):
-        if text is not None:
-            by_text.setdefault(text, sid)
+    texts = token_texts(student_tokenizer)
+    pieces = student_tokenizer.convert_ids_to_tokens(list(range(len(texts))))
+    # A byte-fallback token (`<0x37>`) has the same text as the piece `7`, but the student
+    # only ever sees the piece: pieces take precedence.
+    order = sorted(range(len(texts)), key=lambda sid: bool(BYTE_TOKEN.fullmatch(pieces[sid] or "")))
+    for sid in order:
+        if texts[sid] is not None:
+            by_text.setdefault(texts[sid], sid)
     for tid, text in enumerate(token_texts(teacher_tokenizer)):
         if text is None:
             continue

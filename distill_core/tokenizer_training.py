@@ -12,6 +12,7 @@ character position (distill_core.alignment).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
@@ -42,18 +43,29 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
 
 
 def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token=SP_UNK, byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
+    """`vocab_size` in all: 4 special tokens, the 256 byte-fallback tokens `<0x00>`..`<0xFF>`
+    (ordinary vocabulary entries, as in Llama-2's tokenizer, so decoding keeps them), and the
+    trained pieces and merges."""
+    specials = [SP_UNK, SP_BOS, SP_EOS, SP_PAD]
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    texts = list(texts)
+    pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
         pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first"),
     ])
+    trained = Tokenizer(models.BPE(unk_token=SP_UNK))
+    trained.pre_tokenizer = pre_tokenizer
+    trained.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size - len(byte_tokens), special_tokens=specials, show_progress=False))
+    model = json.loads(trained.to_str())["model"]
+    pieces = [p for p, _ in sorted(model["vocab"].items(), key=lambda kv: kv[1]) if p not in specials]
+    vocab = {p: i for i, p in enumerate(specials + byte_tokens + pieces)}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=SP_UNK, byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(
         replacement="▁", prepend_scheme="first")])
-    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]  # byte fallback needs them in the vocab
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size,  # in all, byte tokens included
-                                  special_tokens=[SP_UNK, SP_BOS, SP_EOS, SP_PAD, *byte_tokens],
-                                  show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.add_special_tokens(specials)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SP_UNK, bos_token=SP_BOS,
                                    eos_token=SP_EOS, pad_token=SP_PAD, padding_side="right")
 

@@ -3,16 +3,13 @@ from ../shared/data for a byte-level BPE against a SentencePiece-style tokenizer
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from distill_core.alignment import align_offsets, align_texts
-from distill_core.tokenizer_training import train_byte_level_bpe
-
-import os
+from distill_core.tokenizer_training import train_byte_level_bpe, train_sentencepiece_bpe
 
 # The real data sits beside the checkout (../shared/data), or where KDBENCH_SHARED_DATA says.
 DATA = Path(os.environ.get("KDBENCH_SHARED_DATA",
@@ -36,21 +33,10 @@ def _real_texts() -> list[str]:
     return texts
 
 
-def _sentencepiece_style(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
-    tok.normalizer = normalizers.Replace(" ", "▁")
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[
-        "<unk>", "<s>", "</s>"], show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
-                                   eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def tokenizers_and_texts():
     texts = _real_texts()
-    return train_byte_level_bpe(texts, 700), _sentencepiece_style(texts, 500), texts
+    return train_byte_level_bpe(texts, 700), train_sentencepiece_bpe(texts, 756), texts
 
 
 def test_identical_tokenizers_give_the_identity(tokenizers_and_texts):

@@ -58,3 +58,17 @@ def test_aggregated_attention_is_defined_for_both_sides_of_an_alignment():
     pb = torch.softmax(torch.randn(1, len(ids_b), len(ids_b)), -1)
     assert aggregate_attention(pa, alignment.chunks_a).shape == \
         aggregate_attention(pb, alignment.chunks_b).shape == (1, len(alignment), len(alignment))
+
+
+def test_teacher_tokens_map_to_the_pieces_a_sentencepiece_student_sees_not_its_byte_tokens():
+    from distill_core.tokenizer_training import train_sentencepiece_bpe
+
+    teacher = train_byte_level_bpe(TEXTS, 320)
+    student = train_sentencepiece_bpe(TEXTS, 320)
+    mapping = vocabulary_map(teacher, student)
+    for text in ("7", "3", " ", "."):
+        tid = teacher.convert_tokens_to_ids(teacher.tokenize(text))[0]
+        sid = int(mapping[tid])
+        assert student.convert_ids_to_tokens(sid) in (text, "▁" if text == " " else text)
+    word = teacher.convert_tokens_to_ids("Ġmovie")
+    assert student.convert_ids_to_tokens(int(mapping[word])).startswith("▁")  # word-initial
