@@ -46,7 +46,11 @@ def _ends(text: str, offsets: list[tuple[int, int]]) -> list[tuple[int, int]]:
     for i, (start, end) in enumerate(offsets):
         while end > start and text[end - 1].isspace():
             end -= 1
-        last = max(last, end)  # zero-width or whitespace-only: ends where the text so far ends
+        if end > start:
+            last = max(last, end)
+        # else zero-width or whitespace-only (byte-level BPE's lone `Ġ` before a digit is
+        # reported as (p+1, p+1), SentencePiece's `▁` as (p, p+1)): it ends where the text
+        # so far ends, on both sides alike.
         out.append((i, last))
     return out
 

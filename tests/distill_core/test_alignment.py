@@ -66,6 +66,12 @@ def test_different_tokenizers_cover_every_character_with_agreeing_chunks(tokeniz
             assert len(a_end) == len(b_end)  # both sides close the chunk at one character
             spans.append(len(a_end))
         assert spans == sorted(spans) and spans[-1] == len(text.rstrip())  # to the last character
+        # At a chunk end both models predict the same next thing: a chunk starts with a token
+        # that is only whitespace (a lone space before a digit) on both sides or on neither.
+        def blank(offsets, i):
+            return not text[offsets[i][0]:offsets[i][1]].strip()
+        for ca, cb in zip(alignment.chunks_a[1:], alignment.chunks_b[1:]):
+            assert blank(enc_a["offset_mapping"], ca[0]) == blank(enc_b["offset_mapping"], cb[0])
         fewer_chunks += len(alignment) < min(len(enc_a["input_ids"]), len(enc_b["input_ids"]))
     assert fewer_chunks > 0  # the tokenizers really cut differently somewhere
 
@@ -80,3 +86,13 @@ def test_hand_made_chunks_with_both_space_conventions():
     assert alignment.chunks_a == [[0, 1], [2], [3], [4]]
     assert alignment.chunks_b == [[0], [1, 2], [3], [4]]
     assert alignment.last_a == [1, 2, 3, 4] and alignment.last_b == [0, 2, 3, 4]
+
+
+def test_lone_space_tokens_of_both_conventions_pair_up_before_a_digit():
+    # What the tiny pair's tokenizers report for "has 3": byte-level BPE gives its lone `Ġ` a
+    # zero-width offset after the space, SentencePiece its `▁` the space itself.
+    text = "ivan has 3"
+    teacher = [(0, 4), (5, 8), (9, 9), (9, 10)]  # ivan Ġhas Ġ 3
+    student = [(0, 4), (4, 8), (8, 9), (9, 10)]  # ▁ivan ▁has ▁ 3
+    alignment = align_offsets(text, teacher, student)
+    assert alignment.chunks_a == alignment.chunks_b == [[0], [1], [2], [3]]
