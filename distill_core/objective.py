@@ -69,11 +69,15 @@ class Batch:
 
 
 def distillation_loss(student, teacher_lm_head: torch.nn.Module | None, batch: Batch,
-                      w: LossWeights, vocab: VocabularyBridge) -> tuple[torch.Tensor, dict[str, float]]:
+                      w: LossWeights, vocab: VocabularyBridge,
+                      measure_all: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
     """Total loss and each term's value. Every term is computed, so every group logs the same
     four quantities (how far black_box drifts from the teacher's attention is a finding too);
-    only the weighted ones reach the gradient."""
-    out = student(batch.input_ids, batch.attention_mask, with_attention=True)
+    only the weighted ones reach the gradient. With `measure_all` False an unweighted
+    L_align_attn is skipped: the attention hook is ~25% of a tiny student's step, and a trial
+    measures the term on the steps it reports instead."""
+    with_attention = measure_all or w.gamma_attn > 0
+    out = student(batch.input_ids, batch.attention_mask, with_attention=with_attention)
     # L_task on the student's own answer tokens; the vocabulary projection only where needed.
     task = batch.task_mask.bool()
     labels = batch.input_ids.roll(-1, dims=1)[task]
@@ -85,7 +89,8 @@ def distillation_loss(student, teacher_lm_head: torch.nn.Module | None, batch: B
     projected = student.hidden_state_projector(chunk_hidden)
     terms["L_align_hidden"] = L_align_hidden(projected, batch.teacher_hidden, batch.distill_mask,
                                              normalized=w.hidden_normalized)
-    terms["L_align_attn"] = _attention_term(out.attention, batch, w)
+    if with_attention:
+        terms["L_align_attn"] = _attention_term(out.attention, batch, w)
     weighted = {"L_task": w.alpha_task, "L_KD": w.beta_kd, "L_align_hidden": w.gamma_hidden,
                 "L_align_attn": w.gamma_attn}
     total = sum(weight * terms[name] for name, weight in weighted.items() if weight > 0)

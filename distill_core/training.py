@@ -256,7 +256,9 @@ def train_student(config: dict) -> None:
         for g in optimizer.param_groups:
             g["lr"] = dcfg.lr * lr_factor(step)
         batch = data.batch(schedule.batch(step))
-        loss, terms = distillation_loss(student, teacher_head, batch, weights, vocab)
+        # Unweighted attention is measured on the last step of each report window only.
+        measure_all = (step + 1) % dcfg.report_every == 0 or step + 1 == dcfg.steps
+        loss, terms = distillation_loss(student, teacher_head, batch, weights, vocab, measure_all)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"trial {group}-seed{seed}: loss is {loss.item()} at step {step} "
                                      f"(terms {terms}); lower distill.lr or check the teacher cache")

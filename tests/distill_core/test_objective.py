@@ -103,3 +103,22 @@ def test_different_tokenizers_give_terms_that_train(tmp_path_factory, ray_local,
     assert values[-1] < 0.9 * values[0], values
     if weights.get("kd_across_vocab") == "map":  # teacher tokens no student token starts
         assert 0 <= terms["kd_unmapped_mass"] < 0.5
+
+
+def test_unweighted_attention_can_be_skipped_without_changing_the_loss(tmp_path_factory, ray_local,
+                                                                      tiny_config, tiny_teacher_dir, rows):
+    student_tok = tiny_teacher_dir / "student_tokenizer"
+    cache = tmp_path_factory.getbasetemp() / "cross-cache"
+    if not cache.exists():
+        _cache(cache, rows, tiny_teacher_dir, student_tok, "answer")
+    data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache, student_tok)
+    head = load_lm_head(tiny_teacher_dir)
+    batch = data.batch([0, 1, 12])
+    black_box = LossWeights(1, 1, 0, 0, temperature=2.0)
+    full, measured = distillation_loss(student, head, batch, black_box, vocab, measure_all=True)
+    fast, skipped = distillation_loss(student, head, batch, black_box, vocab, measure_all=False)
+    assert float(full) == float(fast) and "L_align_attn" in measured and "L_align_attn" not in skipped
+    assert {k: v for k, v in measured.items() if k != "L_align_attn"} == skipped
+    attention = LossWeights(1, 1, 0, 1, temperature=2.0)  # a weighted term is never skipped
+    _, kept = distillation_loss(student, head, batch, attention, vocab, measure_all=False)
+    assert kept["L_align_attn"] == measured["L_align_attn"]
