@@ -79,17 +79,22 @@ def check_budget(estimated: dict, what: str) -> None:
             "rows, or raise the budget")
 
 
+def shapes_from_aligned(aligned) -> list[RowShape]:
+    """Exact shapes of the rows the cache build will write (teacher_cache.aligned_rows)."""
+    cols = aligned.select(["n_tokens", "teacher_n_tokens", "student_chunk_ends",
+                           "attn_queries"]).to_pydict()
+    return [RowShape(n, n_t, len(ends), len(queries), sum(q + 1 for q in queries))
+            for n, n_t, ends, queries in zip(cols["n_tokens"], cols["teacher_n_tokens"],
+                                             cols["student_chunk_ends"], cols["attn_queries"])]
+
+
 def shapes_from_rows(contexts, student_tokenizer, teacher_tokenizer, max_length: int,
                      attention_queries: str) -> list[RowShape]:
     """Exact shapes: the rows aligned as the cache build aligns them."""
-    from distill_core.teacher_cache import align_rows, query_chunks
+    from distill_core.teacher_cache import aligned_rows
 
-    shapes = []
-    for e in align_rows(contexts, student_tokenizer, teacher_tokenizer, max_length):
-        queries = query_chunks(e, attention_queries)
-        shapes.append(RowShape(len(e.student_ids), len(e.teacher_ids), len(e), len(queries),
-                               sum(q + 1 for q in queries)))
-    return shapes
+    return shapes_from_aligned(aligned_rows(contexts, student_tokenizer, teacher_tokenizer,
+                                            max_length, attention_queries))
 
 
 def shapes_from_hints(cfg: ExperimentConfig) -> dict[str, list[RowShape]]:

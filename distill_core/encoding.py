@@ -20,17 +20,29 @@ class Encoded:
     offsets: tuple[tuple[int, int], ...] = ()  # character span of each text token (no BOS/EOS)
 
 
+def encode_examples(tokenizer, contexts, answers, max_length: int, row_ids=None) -> list[Encoded]:
+    """`encode_example` of many rows in one tokenizer call (the Rust batch encoder: twice as
+    fast as row by row)."""
+    texts = [c + a for c, a in zip(contexts, answers)]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    row_ids = list(row_ids) if row_ids is not None else ["?"] * len(texts)
+    out = []
+    for text, context, answer, row_id, ids, offsets in zip(
+            texts, contexts, answers, row_ids, enc["input_ids"], enc["offset_mapping"]):
+        ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        boundary = len(context)
+        mask = [0, *(int(start >= boundary) for start, _ in offsets), 1]
+        if answer and not any(mask[:-1]):
+            raise ValueError(f"row {row_id}: no token starts inside the answer {answer!r}")
+        if len(ids) > max_length:
+            raise ValueError(f"row {row_id}: {len(ids)} tokens exceed max_length={max_length}; "
+                             "raise max_length in the preset or shorten the prompt")
+        out.append(Encoded(ids, mask, text, tuple(map(tuple, offsets))))
+    return out
+
+
 def encode_example(tokenizer, context: str, answer: str, max_length: int, row_id: str = "?") -> Encoded:
-    enc = tokenizer(context + answer, add_special_tokens=False, return_offsets_mapping=True)
-    ids = [tokenizer.bos_token_id, *enc["input_ids"], tokenizer.eos_token_id]
-    boundary = len(context)
-    mask = [0] + [int(start >= boundary) for start, _ in enc["offset_mapping"]] + [1]
-    if not any(mask[:-1]) and answer:
-        raise ValueError(f"row {row_id}: no token starts inside the answer {answer!r}")
-    if len(ids) > max_length:
-        raise ValueError(f"row {row_id}: {len(ids)} tokens exceed max_length={max_length}; "
-                         "raise max_length in the preset or shorten the prompt")
-    return Encoded(ids, mask, context + answer, tuple(map(tuple, enc["offset_mapping"])))
+    return encode_examples(tokenizer, [context], [answer], max_length, [row_id])[0]
 
 
 def pad_batch(sequences: list[list[int]], pad_value: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from distill_core.encoding import encode_example, pad_batch
+from distill_core.encoding import encode_examples, pad_batch
 from distill_core.tasks import final_number, render_prompt
 
 STOP_STRINGS = ("Question:", "\n\n")
@@ -23,7 +23,7 @@ def continuation_loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], 
     scores: list[float] = []
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
-        encoded = [encode_example(tokenizer, c, a, max_length) for c, a in chunk]
+        encoded = encode_examples(tokenizer, [c for c, _ in chunk], [a for _, a in chunk], max_length)
         # EOS is the encoder's end marker, not part of the option being scored.
         ids, attn = pad_batch([e.input_ids[:-1] for e in encoded], tokenizer.pad_token_id)
         targets, _ = pad_batch([e.answer_mask[:-1] for e in encoded], 0)

@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from distill_core.alignment import AlignedExample, align_encoded, chunk_of_token
-from distill_core.encoding import encode_example, pad_batch
+from distill_core.alignment import AlignedExample, align_encoded
+from distill_core.encoding import encode_examples
 from distill_core.final_layer_attention import capture_final_attention
 from distill_core.storage import atomic_directory
 
@@ -50,14 +51,11 @@ CACHE_SCHEMA = pa.schema([
     ("attn_queries", pa.list_(pa.int32())), ("attention", pa.binary()),
 ])
 CACHE_FORMAT = 2
-
-
-def to_bf16_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().to(torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+SIGNAL_COLUMNS = ("hidden", "topk_ids", "topk_logprobs", "attention")  # what the teacher adds
 
 
 def bf16_tensor(data: bytes) -> torch.Tensor:
-    """The flat bf16 tensor `to_bf16_bytes` wrote (copied: the tensor owns its memory)."""
+    """The flat bf16 tensor a signal column holds (copied: the tensor owns its memory)."""
     return torch.frombuffer(bytearray(data), dtype=torch.bfloat16) if data else torch.zeros(
         0, dtype=torch.bfloat16)
 
@@ -86,73 +84,127 @@ def query_chunks(example: AlignedExample, which: str) -> list[int]:
 def align_rows(contexts: pd.DataFrame, student_tokenizer, teacher_tokenizer,
                max_length: int) -> list[AlignedExample]:
     """Both tokenizations of every (context, answer) row, aligned."""
-    out = []
-    for c, a, i in zip(contexts["context"], contexts["answer"], contexts["id"]):
-        student = encode_example(student_tokenizer, c, a, max_length, f"{i} (student tokens)")
-        teacher = (student if teacher_tokenizer is student_tokenizer else
-                   encode_example(teacher_tokenizer, c, a, max_length, f"{i} (teacher tokens)"))
-        out.append(align_encoded(student, teacher))
-    return out
+    ids = list(contexts["id"])
+    student = encode_examples(student_tokenizer, contexts["context"], contexts["answer"],
+                              max_length, [f"{i} (student tokens)" for i in ids])
+    teacher = (student if teacher_tokenizer is student_tokenizer else
+               encode_examples(teacher_tokenizer, contexts["context"], contexts["answer"],
+                               max_length, [f"{i} (teacher tokens)" for i in ids]))
+    return [align_encoded(s, t) for s, t in zip(student, teacher)]
+
+
+ALIGNED_SCHEMA = pa.schema([f for f in CACHE_SCHEMA if f.name not in SIGNAL_COLUMNS]
+                           + [("teacher_ids", pa.list_(pa.int32()))])
+
+
+def aligned_rows(contexts: pd.DataFrame, student_tokenizer, teacher_tokenizer, max_length: int,
+                 attention_queries: str) -> pa.Table:
+    """The cache's rows before the teacher has run: both tokenizations aligned, the attention
+    query chunks chosen, and the teacher's token ids to run it on (ALIGNED_SCHEMA). Computed
+    once, on the driver: the size estimate and the budget check read it before any teacher
+    compute, and the teacher's actors then only run the model."""
+    examples = align_rows(contexts, student_tokenizer, teacher_tokenizer, max_length)
+    return pa.Table.from_pydict({
+        "id": [str(i) for i in contexts["id"]], "task": [str(t) for t in contexts["task"]],
+        "input_ids": [e.student_ids for e in examples],
+        "answer_mask": [e.answer_mask for e in examples],
+        "n_tokens": [len(e.student_ids) for e in examples],
+        "teacher_n_tokens": [len(e.teacher_ids) for e in examples],
+        "student_chunk_ends": [e.student_chunk_ends for e in examples],
+        "teacher_chunk_ends": [e.teacher_chunk_ends for e in examples],
+        "attn_queries": [query_chunks(e, attention_queries) for e in examples],
+        "teacher_ids": [e.teacher_ids for e in examples],
+    }, schema=ALIGNED_SCHEMA)
+
+
+def _ragged(column: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
+    """A list<int32> column as (flat values, per-row lengths), int64 tensors."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False).astype(np.int64)
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    return torch.from_numpy(values), torch.from_numpy(lengths)
+
+
+def _binary_rows(flat: torch.Tensor, lengths: torch.Tensor) -> pa.Array:
+    """Consecutive runs of `flat` (lengths[i] elements for row i) as one bf16 binary value a
+    row, built without a Python loop over the values."""
+    data = flat.detach().to(torch.bfloat16).contiguous().view(torch.int16).cpu().numpy()
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths.numpy() * 2, out=offsets[1:])
+    return pa.Array.from_buffers(pa.binary(), len(lengths),
+                                 [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 class TeacherSignals:
-    """Ray Data callable class: loads the teacher and both tokenizers once per actor, then maps
-    batches of (id, task, context, answer) to cache rows."""
+    """Ray Data callable class: loads the teacher once per actor, then maps batches of aligned
+    rows (ALIGNED_SCHEMA, as Arrow) to cache rows (CACHE_SCHEMA). The whole batch is gathered
+    at once (no loop over tokens): at tiny scale the bookkeeping around the forward pass is
+    what separates the cache build from a bare forward."""
 
-    def __init__(self, teacher_dir: str, student_tokenizer_dir: str, max_length: int,
-                 attention_queries: str, logits: str = "hidden", top_k: int = 32,
+    def __init__(self, teacher_dir: str, logits: str = "hidden", top_k: int = 32,
                  threads: int = 1):
-        from distill_core.models import load_causal_lm, load_tokenizer
+        from distill_core.models import load_causal_lm
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.teacher = load_causal_lm(teacher_dir).to(self.device)
-        self.teacher_tokenizer = load_tokenizer(teacher_dir)
-        self.student_tokenizer = load_tokenizer(student_tokenizer_dir)
-        if self.student_tokenizer.get_vocab() == self.teacher_tokenizer.get_vocab():
-            self.student_tokenizer = self.teacher_tokenizer  # one tokenizer: encode once
-        self.max_length = max_length
-        self.attention_queries = attention_queries
-        self.top_k = top_k if logits == "topk" else 0
+        self.pad_id = self.teacher.config.pad_token_id or 0
+        self.top_k = min(top_k, self.teacher.config.vocab_size) if logits == "topk" else 0
 
     @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        examples = align_rows(batch, self.student_tokenizer, self.teacher_tokenizer, self.max_length)
-        ids, mask = pad_batch([e.teacher_ids for e in examples], self.teacher_tokenizer.pad_token_id)
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        with capture_final_attention(self.teacher, mask) as captured:
-            hidden = self.teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state
-        probs = captured["probs"]
-        out: dict[str, list] = {k: [] for k in CACHE_SCHEMA.names}
-        for i, e in enumerate(examples):
-            n_t, ends = len(e.teacher_ids), torch.tensor(e.teacher_chunk_ends, device=self.device)
-            queries = query_chunks(e, self.attention_queries)
-            member = torch.zeros(n_t, len(e), device=self.device)
-            member[torch.arange(n_t), torch.tensor(chunk_of_token(e.teacher_chunk_ends))] = 1.0
-            attention = probs[i][:, ends[queries], :n_t] @ member  # [H, Q, C]
-            at_ends = hidden[i, ends]
-            out["id"].append(str(batch["id"][i]))
-            out["task"].append(str(batch["task"][i]))
-            out["input_ids"].append(e.student_ids)
-            out["answer_mask"].append(e.answer_mask)
-            out["n_tokens"].append(len(e.student_ids))
-            out["teacher_n_tokens"].append(n_t)
-            out["student_chunk_ends"].append(e.student_chunk_ends)
-            out["teacher_chunk_ends"].append(e.teacher_chunk_ends)
-            out["hidden"].append(to_bf16_bytes(at_ends.cpu()))
-            if self.top_k:
-                logprobs = torch.log_softmax(self.teacher.lm_head(at_ends).float(), -1)
-                top = logprobs.topk(min(self.top_k, logprobs.shape[-1]), dim=-1)
-                out["topk_ids"].append(top.indices.flatten().int().tolist())
-                out["topk_logprobs"].append(to_bf16_bytes(top.values.cpu()))
-            else:
-                out["topk_ids"].append([])
-                out["topk_logprobs"].append(b"")
-            out["attn_queries"].append(queries)
-            out["attention"].append(to_bf16_bytes(attention.cpu()))
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        dev = self.device
+        token_ids, n_tokens = _ragged(batch["teacher_ids"])
+        ends, n_chunks = _ragged(batch["teacher_chunk_ends"])
+        queries, n_queries = _ragged(batch["attn_queries"])
+        b, t = len(n_tokens), int(n_tokens.max())
+        rows = torch.arange(b)
+        real = torch.arange(t)[None, :] < n_tokens[:, None]
+        ids = torch.full((b, t), self.pad_id, dtype=torch.long)
+        ids[real] = token_ids
+        chunk_row = rows.repeat_interleave(n_chunks)
+        chunk_start = torch.cumsum(n_chunks, 0) - n_chunks
+        # Query slots [B, Q]: the last token of every kept chunk (-1 pads the slots).
+        query_row = rows.repeat_interleave(n_queries)
+        query_slot = torch.arange(len(queries)) - (torch.cumsum(n_queries, 0) - n_queries)[query_row]
+        query_pos = torch.full((b, max(1, int(n_queries.max()))), -1, dtype=torch.long)
+        query_pos[query_row, query_slot] = ends[chunk_start[query_row] + queries]
+        mask = real.long().to(dev)
+        with capture_final_attention(self.teacher, mask, query_pos.to(dev)) as captured:
+            hidden = self.teacher.model(input_ids=ids.to(dev), attention_mask=mask).last_hidden_state
+        at_ends = hidden[chunk_row.to(dev), ends.to(dev)]                        # [sum C, D]
+        # Token -> chunk on the teacher's side: a chunk starts after each chunk end (padding
+        # falls in a chunk past the row's last, dropped below).
+        starts = torch.zeros(b, t + 1, dtype=torch.long)
+        starts[chunk_row, ends + 1] = 1
+        token_chunk = torch.cumsum(starts[:, :t], 1).to(dev)                     # [B, T]
+        probs = captured["probs"][query_row.to(dev), :, query_slot.to(dev)]      # [N, H, T]
+        heads = probs.shape[1]
+        per_chunk = torch.zeros(len(queries), heads, int(n_chunks.max()) + 1, device=dev)
+        per_chunk.scatter_add_(2, token_chunk[query_row.to(dev)][:, None, :].expand_as(probs), probs)
+        q_start = (torch.cumsum(n_queries, 0) - n_queries).tolist()
+        attention = torch.cat([  # each row's [H, Q, C], flattened
+            per_chunk[s:s + q, :, :c].transpose(0, 1).reshape(-1)
+            for s, q, c in zip(q_start, n_queries.tolist(), n_chunks.tolist())]) if len(queries) else torch.zeros(0)
+        d = at_ends.shape[-1]
+        columns = {name: batch[name] for name in ALIGNED_SCHEMA.names if name != "teacher_ids"}
+        columns["hidden"] = _binary_rows(at_ends.reshape(-1), n_chunks * d)
+        columns["attention"] = _binary_rows(attention, heads * n_queries * n_chunks)
+        if self.top_k:
+            logprobs = torch.log_softmax(self.teacher.lm_head(at_ends).float(), -1)
+            top = logprobs.topk(self.top_k, dim=-1)
+            offsets = pa.array(np.concatenate([[0], np.cumsum(n_chunks.numpy() * self.top_k)]),
+                               pa.int32())
+            columns["topk_ids"] = pa.ListArray.from_arrays(
+                offsets, pa.array(top.indices.flatten().int().cpu().numpy()))
+            columns["topk_logprobs"] = _binary_rows(top.values.flatten(), n_chunks * self.top_k)
+        else:
+            columns["topk_ids"] = pa.array([[]] * b, pa.list_(pa.int32()))
+            columns["topk_logprobs"] = pa.array([b""] * b, pa.binary())
         # An explicit Arrow schema: plain lists and binary, readable by any Parquet reader
         # (numpy columns would become Ray's tensor extension type).
-        return pa.Table.from_pydict(out, schema=CACHE_SCHEMA)
+        return pa.Table.from_arrays([columns[n] for n in CACHE_SCHEMA.names], schema=CACHE_SCHEMA)
 
 
 def cache_key(**identity) -> str:
@@ -162,15 +214,14 @@ def cache_key(**identity) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: str,
-                        student_tokenizer_dir: str, max_length: int, attention_queries: str,
-                        batch_size: int, actors: int, num_gpus_per_actor: float,
-                        identity: dict, logits: str = "hidden", top_k: int = 32,
-                        estimate: dict | None = None) -> dict:
-    """Run the teacher over `contexts` with Ray Data and write the cache to `out_dir`.
-    Returns the manifest. An existing complete cache is reused, not rebuilt. The vocabulary
-    map from the teacher's tokens to the student's (for L_KD across vocabularies) is saved
-    beside the shards."""
+def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
+                        student_tokenizer_dir: str, batch_size: int, actors: int,
+                        num_gpus_per_actor: float, identity: dict, logits: str = "hidden",
+                        top_k: int = 32, estimate: dict | None = None) -> dict:
+    """Run the teacher over `aligned` (aligned_rows' table) with Ray Data and write the cache
+    to `out_dir`. Returns the manifest. An existing complete cache is reused, not rebuilt. The
+    vocabulary map from the teacher's tokens to the student's (for L_KD across vocabularies)
+    is saved beside the shards."""
     import ray
     from safetensors.torch import save_file
 
@@ -180,16 +231,17 @@ def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: s
     out_dir = Path(out_dir)
     if (out_dir / MANIFEST).exists():
         return read_manifest(out_dir)
+    if aligned.schema.names != ALIGNED_SCHEMA.names:
+        raise ValueError(f"teacher cache {out_dir}: rows have columns {aligned.schema.names}, "
+                         f"not aligned_rows' {ALIGNED_SCHEMA.names}")
     mapping = vocabulary_map(load_tokenizer(teacher_dir), load_tokenizer(student_tokenizer_dir))
-    # Several blocks, so that every actor of the pool gets work (one DataFrame = one block).
-    n_blocks = max(actors, math.ceil(len(contexts) / (4 * batch_size)))
-    blocks = [contexts.iloc[i::n_blocks] for i in range(n_blocks)]
-    ds = ray.data.from_pandas([b for b in blocks if len(b)]).map_batches(
-        TeacherSignals,
-        fn_constructor_kwargs=dict(teacher_dir=teacher_dir, student_tokenizer_dir=student_tokenizer_dir,
-                                   max_length=max_length, attention_queries=attention_queries,
-                                   logits=logits, top_k=top_k),
-        batch_size=batch_size, batch_format="numpy",
+    # Several blocks, so that every actor of the pool gets work (one table = one block).
+    n_blocks = max(actors, math.ceil(len(aligned) / (4 * batch_size)))
+    step = math.ceil(len(aligned) / n_blocks)
+    blocks = [aligned.slice(i, step) for i in range(0, len(aligned), step)]
+    ds = ray.data.from_arrow(blocks).map_batches(
+        TeacherSignals, fn_constructor_kwargs=dict(teacher_dir=teacher_dir, logits=logits, top_k=top_k),
+        batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=num_gpus_per_actor,
     )
@@ -197,8 +249,8 @@ def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: s
         ds.write_parquet(str(tmp))
         files = sorted(tmp.glob("*.parquet"))
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-        if rows != len(contexts):
-            raise RuntimeError(f"teacher cache {out_dir}: wrote {rows} rows for {len(contexts)} inputs")
+        if rows != len(aligned):
+            raise RuntimeError(f"teacher cache {out_dir}: wrote {rows} rows for {len(aligned)} inputs")
         save_file({"teacher_to_student": mapping}, str(tmp / VOCABULARY_MAP))
         manifest = {"format": CACHE_FORMAT, "rows": rows, "files": [f.name for f in files],
                     "bytes": sum(f.stat().st_size for f in files),
@@ -212,8 +264,6 @@ def build_teacher_cache(contexts: pd.DataFrame, out_dir: Path, *, teacher_dir: s
 
 
 def _list_lengths(files: list[Path], column: str) -> int:
-    import pyarrow.compute as pc
-
     return sum(int(pc.sum(pc.list_value_length(pq.read_table(f, columns=[column]).column(0))).as_py() or 0)
                for f in files)
 

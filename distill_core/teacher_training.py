@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from distill_core.config import ExperimentConfig
-from distill_core.encoding import encode_example, pad_batch
+from distill_core.encoding import encode_examples, pad_batch
 from distill_core.models import init_model, load_tokenizer
 from distill_core.storage import atomic_directory
 from distill_core.teacher_cache import training_contexts
@@ -28,8 +28,8 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, l
     """contexts: DataFrame with id, context, answer (see teacher_cache.training_contexts)."""
     tcfg = cfg.teacher
     model = init_model(tcfg, tokenizer, cfg.max_length, seed=tcfg.seed)
-    encoded = [encode_example(tokenizer, c, a, cfg.max_length, i)
-               for c, a, i in zip(contexts["context"], contexts["answer"], contexts["id"])]
+    encoded = encode_examples(tokenizer, contexts["context"], contexts["answer"], cfg.max_length,
+                              contexts["id"])
     generator = torch.Generator().manual_seed(tcfg.seed)
     steps_per_epoch = math.ceil(len(encoded) / tcfg.batch_size)
     total = steps_per_epoch * tcfg.train_epochs

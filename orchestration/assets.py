@@ -116,18 +116,17 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
     key = teacher_cache.cache_key(**identity)
     out_dir = experiment.root() / "teacher_cache" / task / key
     contexts = teacher_cache.training_contexts(pd.read_parquet(rows["path"]))
+    # Aligned once: the exact estimate, the budget check and the build all read these rows.
+    aligned = teacher_cache.aligned_rows(contexts, student_tokenizer, load_tokenizer(teacher["path"]),
+                                         cfg.max_length, cfg.cache.attention_queries)
     teacher_config = json.loads((Path(teacher["path"]) / "config.json").read_text())
     estimated = cache_size.estimate(
-        {task: cache_size.shapes_from_rows(contexts, student_tokenizer,
-                                           load_tokenizer(teacher["path"]), cfg.max_length,
-                                           cfg.cache.attention_queries)},
-        teacher_config["hidden_size"], teacher_config["num_attention_heads"], cfg.cache,
-        "exact shapes")
+        {task: cache_size.shapes_from_aligned(aligned)}, teacher_config["hidden_size"],
+        teacher_config["num_attention_heads"], cfg.cache, "exact shapes")
     cache_size.check_budget(estimated, f"teacher_cache[{task}]")
     manifest = teacher_cache.build_teacher_cache(
-        contexts, out_dir, teacher_dir=teacher["path"],
-        student_tokenizer_dir=teacher["student_tokenizer"], max_length=cfg.max_length,
-        attention_queries=cfg.cache.attention_queries, logits=cfg.cache.logits,
+        aligned, out_dir, teacher_dir=teacher["path"],
+        student_tokenizer_dir=teacher["student_tokenizer"], logits=cfg.cache.logits,
         top_k=cfg.cache.top_k, batch_size=cfg.cache.batch_size, actors=cfg.cache.actors,
         num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity, estimate=estimated)
     return dg.MaterializeResult(

@@ -48,3 +48,23 @@ def tiny_teacher_dir(tmp_path_factory, tiny_config, tiny_data):
     out = tmp_path_factory.mktemp("teacher") / "model"
     prepare_teacher(tiny_config, [d["train"] for d in tiny_data.values()], out)
     return out
+
+
+
+@pytest.fixture(scope="session")
+def build_cache():
+    """Builds a teacher cache of task rows as the teacher_cache asset does: aligned on the
+    driver, then the teacher in Ray Data actors."""
+    from distill_core.models import load_tokenizer
+    from distill_core.teacher_cache import aligned_rows, build_teacher_cache, training_contexts
+
+    def build(rows, out, teacher_dir, *, attention_queries="answer", **settings):
+        student_dir = teacher_dir / "student_tokenizer"
+        aligned = aligned_rows(training_contexts(rows), load_tokenizer(student_dir),
+                               load_tokenizer(teacher_dir), 256, attention_queries)
+        args = dict(batch_size=16, actors=2, num_gpus_per_actor=0, identity={"test": 1})
+        args.update(settings)
+        return build_teacher_cache(aligned, out, teacher_dir=str(teacher_dir),
+                                   student_tokenizer_dir=str(student_dir), **args)
+
+    return build

@@ -55,3 +55,21 @@ def test_the_hook_is_removed_after_the_block():
         pass
     model(input_ids=torch.randint(0, 50, (1, 5)), attention_mask=mask)
     assert "probs" not in captured
+
+
+def test_selected_query_rows_equal_the_full_matrix_rows():
+    model = _model("sdpa")
+    ids = torch.randint(0, 50, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    queries = torch.tensor([[8, 0, 3], [5, 2, -1]])  # -1: no query
+    with torch.no_grad():
+        with capture_final_attention(model, mask) as full:
+            model(input_ids=ids, attention_mask=mask)
+        with capture_final_attention(model, mask, queries) as some:
+            model(input_ids=ids, attention_mask=mask)
+    assert some["probs"].shape == (2, 4, 3, 9)
+    for b in range(2):
+        for j, pos in enumerate(queries[b].tolist()):
+            if pos >= 0:
+                torch.testing.assert_close(some["probs"][b, :, j], full["probs"][b, :, pos])

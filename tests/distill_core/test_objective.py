@@ -11,14 +11,16 @@ from distill_core.cross_vocab import VocabularyBridge
 from distill_core.losses import L_KD, L_align_attn, L_align_hidden, L_task
 from distill_core.models import load_lm_head, load_tokenizer
 from distill_core.objective import LossWeights, distillation_loss
-from distill_core.teacher_cache import build_teacher_cache, read_vocabulary_map, training_contexts
+from distill_core.teacher_cache import (aligned_rows, build_teacher_cache, read_vocabulary_map,
+                                        training_contexts)
 from distill_core.training import CacheData, build_student
 
 
 def _cache(root, rows, teacher_dir, student_tokenizer_dir, queries):
-    build_teacher_cache(training_contexts(rows), root, teacher_dir=str(teacher_dir),
-                        student_tokenizer_dir=str(student_tokenizer_dir), max_length=256,
-                        attention_queries=queries, batch_size=16, actors=1,
+    aligned = aligned_rows(training_contexts(rows), load_tokenizer(student_tokenizer_dir),
+                           load_tokenizer(teacher_dir), 256, queries)
+    build_teacher_cache(aligned, root, teacher_dir=str(teacher_dir),
+                        student_tokenizer_dir=str(student_tokenizer_dir), batch_size=16, actors=1,
                         num_gpus_per_actor=0, identity={})
     return root
 

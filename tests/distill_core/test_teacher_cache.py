@@ -2,32 +2,26 @@
 readable half-written."""
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 import torch
 
 from distill_core import cache_size
 from distill_core.config import CacheConfig
+from distill_core.alignment import aggregate_attention
 from distill_core.encoding import encode_example
+from distill_core.final_layer_attention import capture_final_attention
 from distill_core.models import load_causal_lm, load_lm_head, load_tokenizer
 from distill_core.teacher_cache import (build_teacher_cache, from_bf16_bytes, query_chunks,
                                         read_manifest, read_teacher_cache, read_vocabulary_map,
                                         align_rows, training_contexts)
 
 
-def _build(rows, out, teacher_dir, student_tokenizer_dir, **settings):
-    args = dict(max_length=256, attention_queries="answer", batch_size=16, actors=2,
-                num_gpus_per_actor=0, identity={"test": 1})
-    args.update(settings)
-    return build_teacher_cache(training_contexts(rows), out, teacher_dir=str(teacher_dir),
-                               student_tokenizer_dir=str(student_tokenizer_dir), **args)
-
-
 @pytest.fixture(scope="module")
-def built_cache(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data):
+def built_cache(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data, build_cache):
     rows = pd.concat([tiny_data["sst2"]["train"], tiny_data["gsm8k"]["train"]], ignore_index=True)
     out = tmp_path_factory.mktemp("cache") / "sst2-gsm8k"
-    manifest = _build(rows, out, tiny_teacher_dir, tiny_teacher_dir / "student_tokenizer")
-    return rows, out, manifest
+    return rows, out, build_cache(rows, out, tiny_teacher_dir)
 
 
 def test_the_tiny_pair_has_two_different_tokenizers(tiny_teacher_dir):
@@ -102,6 +96,29 @@ def test_attention_rows_are_distributions_over_chunks_at_the_answer_queries(buil
             assert attn[:, qi, q + 1:].abs().max() == 0  # causal over chunks
 
 
+def test_attention_rows_equal_the_teachers_own_aggregated_onto_chunks(built_cache, tiny_teacher_dir):
+    """The batched gather of the cache build against the plain per-row computation: the full
+    final-layer attention matrix of one row, summed onto its chunks, at its query chunks."""
+    rows, out, _ = built_cache
+    teacher = load_causal_lm(tiny_teacher_dir)
+    tokenizer = load_tokenizer(tiny_teacher_dir)
+    heads = teacher.config.num_attention_heads
+    contexts = training_contexts(rows).set_index("id")
+    for r in read_teacher_cache(out).sample(8, random_state=0).itertuples():
+        row = contexts.loc[r.id]
+        ids = torch.tensor([encode_example(tokenizer, row["context"], row["answer"], 256).input_ids])
+        mask = torch.ones_like(ids)
+        with torch.no_grad(), capture_final_attention(teacher, mask) as captured:
+            teacher(input_ids=ids, attention_mask=mask)
+        ends, start, chunks = list(r.teacher_chunk_ends), 0, []
+        for end in ends:
+            chunks.append(list(range(start, end + 1)))
+            start = end + 1
+        expected = aggregate_attention(captured["probs"][0], chunks)[:, list(r.attn_queries)]
+        cached = from_bf16_bytes(r.attention, (heads, len(r.attn_queries), len(ends)))
+        torch.testing.assert_close(cached, expected, atol=8e-3, rtol=8e-3)  # bf16
+
+
 def test_estimate_matches_the_bytes_written_within_ten_percent(built_cache, tiny_teacher_dir):
     rows, _, manifest = built_cache
     cfg = CacheConfig(attention_queries="answer")
@@ -116,12 +133,12 @@ def test_estimate_matches_the_bytes_written_within_ten_percent(built_cache, tiny
     assert est["tasks"]["both"]["chunks"] == manifest["chunks"]
 
 
-def test_topk_cache_holds_the_teachers_most_likely_tokens(built_cache, tmp_path, tiny_teacher_dir):
+def test_topk_cache_holds_the_teachers_most_likely_tokens(built_cache, tmp_path, tiny_teacher_dir,
+                                                         build_cache):
     rows, out, _ = built_cache
     few = rows.head(8)
     topk_out = tmp_path / "topk"
-    _build(few, topk_out, tiny_teacher_dir, tiny_teacher_dir / "student_tokenizer", logits="topk",
-           top_k=5, actors=1)
+    build_cache(few, topk_out, tiny_teacher_dir, logits="topk", top_k=5, actors=1)
     head = load_lm_head(tiny_teacher_dir)
     d = head.weight.shape[1]
     full = read_teacher_cache(out).set_index("id")
@@ -137,7 +154,8 @@ def test_topk_cache_holds_the_teachers_most_likely_tokens(built_cache, tmp_path,
 def test_complete_cache_is_reused_and_partial_one_is_never_read(built_cache, tmp_path):
     rows, out, manifest = built_cache
     before = (out / "manifest.json").stat().st_mtime_ns
-    again = _build(rows, out, "unused", out, actors=1, identity={})
+    again = build_teacher_cache(pa.table({}), out, teacher_dir="unused", student_tokenizer_dir="unused",
+                                batch_size=1, actors=1, num_gpus_per_actor=0, identity={})
     assert again == manifest and (out / "manifest.json").stat().st_mtime_ns == before
     partial = tmp_path / "half"
     partial.mkdir()

@@ -14,21 +14,16 @@ from transformers import AutoModelForCausalLM
 from distill_core.config import TASKS
 from distill_core.grid import param_space, run_grid
 from distill_core.models import load_tokenizer
-from distill_core.teacher_cache import build_teacher_cache, training_contexts
 from distill_core.training import BatchSchedule, build_student
 
 STEPS = 20
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data):
+def caches(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data, build_cache):
     root = tmp_path_factory.mktemp("caches")
     for task in TASKS:
-        build_teacher_cache(training_contexts(tiny_data[task]["train"]), root / task,
-                            teacher_dir=str(tiny_teacher_dir),
-                            student_tokenizer_dir=str(tiny_teacher_dir / "student_tokenizer"),
-                            max_length=256, attention_queries="answer", batch_size=16, actors=2,
-                            num_gpus_per_actor=0, identity={"task": task})
+        build_cache(tiny_data[task]["train"], root / task, tiny_teacher_dir, identity={"task": task})
     return [str(root / t) for t in TASKS]
 
 
