@@ -130,7 +130,7 @@ def estimate_preset(cfg: ExperimentConfig) -> dict:
     if t.hidden_size is None or t.num_heads is None:
         raise ValueError(f"preset {cfg.name}: teacher.hidden_size and teacher.num_heads are "
                          "needed to estimate the cache (declare them for a hub model)")
-    if t.source == "hub" or cfg.student.source == "hub" or cfg.data.source != "synthetic":
+    if t.source == "hub" or cfg.student.source == "hub" or cfg.data.source == "hub":
         return estimate(shapes_from_hints(cfg), t.hidden_size, t.num_heads, cfg.cache,
                         "declared sizes and estimate hints (upper bound on chunks)")
     import pandas as pd

@@ -1,9 +1,12 @@
-"""Evaluation of a causal LM on the unified rows.
+"""Evaluation of a causal LM on the unified rows, by the lm-evaluation-harness protocols.
 
-Multiple choice (SST-2, MMLU shapes): the option with the highest log-likelihood of its
-continuation given the k-shot context wins; all options of a batch go through one forward.
-Math (GSM8K shape): batched greedy generation with the KV cache, then exact match of the number
-after ``####`` against the row's target.
+Multiple choice (SST-2, MMLU): the option with the highest log-likelihood of its continuation
+given the context (description + k shots + prompt) wins. Batched, and where every option is one
+token that extends the context's own tokenization (" A".." D", " negative"/" positive" for most
+tokenizers) the context runs once for all options and the options are read from its last
+next-token distribution; otherwise all options of a batch go through one forward.
+Math (GSM8K): batched greedy generation with the KV cache until the harness's stop strings,
+then strict-match (``#### N``) and flexible-extract (last number) against the reference.
 """
 
 from __future__ import annotations
@@ -11,43 +14,98 @@ from __future__ import annotations
 import torch
 
 from distill_core.encoding import encode_examples, pad_batch
-from distill_core.tasks import final_number, render_prompt
+from distill_core.tasks import (gsm8k_flexible, gsm8k_normalize, gsm8k_strict, render_prompt,
+                                select_shots)
 
-STOP_STRINGS = ("Question:", "\n\n")
+STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")  # the harness's gsm8k `until`
+
+
+def _score_rows(model, ids_list, mask_list, pad_id) -> list[float]:
+    ids, attn = pad_batch(ids_list, pad_id)
+    targets, _ = pad_batch(mask_list, 0)
+    logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)
+    token_lp = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return (token_lp * targets[:, 1:]).sum(-1).tolist()
 
 
 @torch.inference_mode()
-def continuation_loglikelihoods(model, tokenizer, pairs: list[tuple[str, str]], batch_size: int,
-                                max_length: int) -> list[float]:
-    """Sum of log p(continuation tokens | context) for each (context, continuation)."""
-    scores: list[float] = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        encoded = encode_examples(tokenizer, [c for c, _ in chunk], [a for _, a in chunk], max_length)
-        # EOS is the encoder's end marker, not part of the option being scored.
-        ids, attn = pad_batch([e.input_ids[:-1] for e in encoded], tokenizer.pad_token_id)
-        targets, _ = pad_batch([e.answer_mask[:-1] for e in encoded], 0)
-        logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)
-        token_lp = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-        scores.extend((token_lp * targets[:, 1:]).sum(-1).tolist())
-    return scores
+def choice_loglikelihoods(model, tokenizer, contexts: list[str], choices: list[list[str]],
+                          batch_size: int, max_length: int, row_ids=None) -> list[list[float]]:
+    """log p(choice | context) for every choice of every context (sum over its tokens)."""
+    flat = [(i, c, x) for i, (c, xs) in enumerate(zip(contexts, choices)) for x in xs]
+    names = [row_ids[i] if row_ids is not None else str(i) for i, _, _ in flat]
+    encoded = encode_examples(tokenizer, [c for _, c, _ in flat], [x for _, _, x in flat],
+                              10**9, names)
+    # EOS is the encoder's end marker, not part of the option being scored. Longer than the
+    # model: the context is cut from the left, as the harness does (the option is kept).
+    seqs = [(e.input_ids[:-1][-max_length:], e.answer_mask[:-1][-max_length:]) for e in encoded]
+    for (_, _, x), (_, mask), name in zip(flat, seqs, names):
+        if x and not any(mask):
+            raise ValueError(f"row {name}: the option {x!r} alone exceeds max_length={max_length}")
+    per_example: dict[int, list[int]] = {}
+    for j, (i, _, _) in enumerate(flat):
+        per_example.setdefault(i, []).append(j)
+    shared, separate = [], []
+    for i, js in per_example.items():
+        prefixes = {tuple(seqs[j][0][:-1]) for j in js}
+        one_token = all(sum(seqs[j][1]) == 1 and seqs[j][1][-1] == 1 for j in js)
+        (shared if one_token and len(prefixes) == 1 else separate).append(i)
+    scores = [0.0] * len(flat)
+    for start in range(0, len(shared), batch_size):  # one row an example: its context
+        batch = shared[start:start + batch_size]
+        rows = [seqs[per_example[i][0]][0][:-1] for i in batch]
+        ids, attn = pad_batch(rows, tokenizer.pad_token_id)
+        logits = model(input_ids=ids, attention_mask=attn).logits
+        last = attn.sum(1) - 1
+        logprobs = torch.log_softmax(logits[torch.arange(len(batch)), last].float(), -1)
+        for b, i in enumerate(batch):
+            for j in per_example[i]:
+                scores[j] = float(logprobs[b, seqs[j][0][-1]])
+    rows = [j for i in separate for j in per_example[i]]
+    for start in range(0, len(rows), batch_size):  # one row a choice
+        batch = rows[start:start + batch_size]
+        for j, v in zip(batch, _score_rows(model, [seqs[j][0] for j in batch],
+                                           [seqs[j][1] for j in batch], tokenizer.pad_token_id)):
+            scores[j] = v
+    return [[scores[j] for j in per_example[i]] for i in range(len(contexts))]
+
+
+@torch.inference_mode()
+def naive_choice_loglikelihoods(model, tokenizer, contexts, choices, max_length) -> list[list[float]]:
+    """The reference loop: one example, one choice, one forward at a time (for bench/eval.py
+    and the tests: the batched scorer must give the same numbers)."""
+    out = []
+    for c, xs in zip(contexts, choices):
+        row = []
+        for x in xs:
+            e = encode_examples(tokenizer, [c], [x], max_length)[0]
+            row.append(_score_rows(model, [e.input_ids[:-1]], [e.answer_mask[:-1]],
+                                   tokenizer.pad_token_id)[0])
+        out.append(row)
+    return out
 
 
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, contexts: list[str], max_new_tokens: int,
-                    batch_size: int) -> list[str]:
+                    batch_size: int, max_length: int | None = None) -> list[str]:
     texts: list[str] = []
     for start in range(0, len(contexts), batch_size):
         chunk = contexts[start:start + batch_size]
-        encoded = [[tokenizer.bos_token_id, *tokenizer(c, add_special_tokens=False)["input_ids"]]
-                   for c in chunk]
+        encoded = [[tokenizer.bos_token_id, *ids] for ids in
+                   tokenizer(chunk, add_special_tokens=False)["input_ids"]]
+        if max_length is not None:  # keep the context's end, as the harness does
+            if max_new_tokens >= max_length:
+                raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt "
+                                 f"in max_length={max_length}")
+            encoded = [e[-(max_length - max_new_tokens):] for e in encoded]
         width = max(len(e) for e in encoded)
         # Left padding keeps every prompt's last token at the same position for generation.
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
         attn = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
         out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, stop_strings=list(STOP_STRINGS),
+                             tokenizer=tokenizer)
         for row in out[:, width:]:
             text = tokenizer.decode(row, skip_special_tokens=True)
             for stop in STOP_STRINGS:
@@ -56,34 +114,59 @@ def greedy_generate(model, tokenizer, contexts: list[str], max_new_tokens: int,
     return texts
 
 
-def evaluate_task(model, tokenizer, rows: list[dict], shots: list[dict], *, batch_size: int,
-                  max_length: int, max_new_tokens: int) -> dict:
-    """accuracy and n for one task; `shots` are prepended to every prompt."""
-    contexts = [render_prompt(r, shots) for r in rows]
+def _truncated(tokenizer, contexts: list[str], room: int) -> int:
+    """How many contexts were cut from the left to fit the model (reported, never silent)."""
+    lengths = [len(ids) + 1 for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
+    return sum(n > room for n in lengths)
+
+
+def evaluate_task(model, tokenizer, rows: list[dict], pool: list[dict], shots: int, *,
+                  batch_size: int, max_length: int, max_new_tokens: int,
+                  predictions: bool = False) -> dict:
+    """n and accuracy of one task; MMLU also per subject (micro-averaged overall), GSM8K
+    strict-match (= accuracy) and flexible-extract. Each row's k shots come from `pool`
+    (tasks.select_shots). With `predictions`, one record per example as well."""
+    contexts = [render_prompt(r, select_shots(r, pool, shots)) for r in rows]
+    records = []
     if rows[0]["choices"] is None:
-        outputs = greedy_generate(model, tokenizer, contexts, max_new_tokens, batch_size)
-        correct = [final_number(o) == r["target"] for o, r in zip(outputs, rows)]
+        outputs = greedy_generate(model, tokenizer, contexts, max_new_tokens, batch_size, max_length)
+        for r, o in zip(rows, outputs):
+            reference = gsm8k_normalize(r["answer"])
+            strict, flexible = gsm8k_strict(o), gsm8k_flexible(o)
+            records.append({"id": r["id"], "subject": r["subject"], "generated": o,
+                            "strict": strict, "flexible": flexible, "reference": reference,
+                            "correct": gsm8k_normalize(strict) == reference,
+                            "flexible_correct": gsm8k_normalize(flexible) == reference})
     else:
-        pairs = [(c, choice) for c, r in zip(contexts, rows) for choice in r["choices"]]
-        scores = continuation_loglikelihoods(model, tokenizer, pairs, batch_size, max_length)
-        correct, i = [], 0
-        for r in rows:
-            k = len(r["choices"])
-            best = max(range(k), key=lambda j: scores[i + j])
-            correct.append(best == int(r["label"]))
-            i += k
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct)}
+        scores = choice_loglikelihoods(model, tokenizer, contexts, [list(r["choices"]) for r in rows],
+                                       batch_size, max_length, [r["id"] for r in rows])
+        for r, s in zip(rows, scores):
+            best = max(range(len(s)), key=s.__getitem__)
+            records.append({"id": r["id"], "subject": r["subject"], "scores": s, "predicted": best,
+                            "label": int(r["label"]), "correct": best == int(r["label"])})
+    out = {"n": len(records), "accuracy": sum(x["correct"] for x in records) / len(records),
+           "truncated": _truncated(tokenizer, contexts, max_length - (max_new_tokens if rows[0]["choices"] is None else 2))}
+    if "flexible_correct" in records[0]:
+        out["strict_match"] = out["accuracy"]
+        out["flexible_match"] = sum(x["flexible_correct"] for x in records) / len(records)
+    subjects = sorted({x["subject"] for x in records})
+    if rows[0]["task"] == "mmlu":
+        out["per_subject"] = {s: {"n": len(c), "accuracy": sum(c) / len(c)} for s in subjects
+                              for c in [[x["correct"] for x in records if x["subject"] == s]]}
+    if predictions:
+        out["predictions"] = records
+    return out
 
 
 def evaluate_checkpoint(model_dir: str, tasks: dict[str, dict], *, batch_size: int,
                         max_length: int, max_new_tokens: int, threads: int = 1) -> dict[str, dict]:
     """Evaluate the HF model in `model_dir` (with its tokenizer) on every task.
-    tasks: {task: {"rows": [...], "shots": [...]}} -> {task: {"accuracy", "n"}}."""
+    tasks: {task: {"rows": [...], "pool": [...], "shots": k}} -> {task: evaluate_task's dict}."""
     from distill_core.models import load_causal_lm, load_tokenizer
 
     torch.set_num_threads(threads)
     model, tokenizer = load_causal_lm(model_dir), load_tokenizer(model_dir)
-    return {task: evaluate_task(model, tokenizer, spec["rows"], spec["shots"],
+    return {task: evaluate_task(model, tokenizer, spec["rows"], spec["pool"], spec["shots"],
                                 batch_size=batch_size, max_length=max_length,
                                 max_new_tokens=max_new_tokens)
             for task, spec in tasks.items()}

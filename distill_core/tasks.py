@@ -1,8 +1,10 @@
 """Unified task rows and the tiny preset's synthetic tasks.
 
-A row is a dict with `id` (stable, unique per task), `task`, `subject`, `prompt`, `answer`, and for
-multiple choice `choices` (the scored continuations) and `label` (index of the right one). The
-math task keeps the full reasoning in `answer` and the final number in `target`.
+A row is a dict with `id` (stable, unique per task), `task`, `subject`, `description` (text
+before the shots, as the harness's MMLU subject line; empty otherwise), `prompt`, `answer`, and
+for multiple choice `choices` (the scored continuations) and `label` (index of the right one).
+The math task keeps the full reasoning in `answer` and the final number in `target`. The real
+datasets' rows come from distill_core.real_datasets.
 
 The three generators imitate the shapes of SST-2 (binary sentiment with negation and mixed
 clauses), MMLU (4-way multiple choice that needs a small reasoning step) and GSM8K (multi-step
@@ -14,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import pandas as pd
 
@@ -24,10 +28,11 @@ SST2_CHOICES = [" negative", " positive"]
 MMLU_LETTERS = ["A", "B", "C", "D"]
 FEWSHOT_SEPARATOR = "\n\n"
 
-ROW_COLUMNS = ["id", "task", "subject", "prompt", "answer", "choices", "label", "target"]
+ROW_COLUMNS = ["id", "task", "subject", "description", "prompt", "answer", "choices", "label",
+               "target"]
 
 
-def _row_id(task: str, split: str, text: str) -> str:
+def row_id(task: str, split: str, text: str) -> str:
     # Content-derived, so an id names the same example across regenerations.
     return f"{task}-{split}-" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -68,8 +73,8 @@ def _sst2_example(rng: random.Random) -> tuple[str, int]:
 def _sst2_row(rng: random.Random, split: str) -> dict:
     sentence, label = _sst2_example(rng)
     prompt = sentence + SST2_QUESTION
-    return {"id": _row_id("sst2", split, sentence), "task": "sst2", "subject": "sentiment",
-            "prompt": prompt, "answer": SST2_CHOICES[label], "choices": list(SST2_CHOICES),
+    return {"id": row_id("sst2", split, sentence), "task": "sst2", "subject": "sentiment",
+            "description": "", "prompt": prompt, "answer": SST2_CHOICES[label], "choices": list(SST2_CHOICES),
             "label": label, "target": None}
 
 
@@ -119,8 +124,8 @@ def _mmlu_row(rng: random.Random, split: str) -> dict:
     options.insert(label, right)
     prompt = mmlu_prompt(question, options)
     choices = [f" {letter}" for letter in MMLU_LETTERS]
-    return {"id": _row_id("mmlu", split, prompt), "task": "mmlu", "subject": subject,
-            "prompt": prompt, "answer": choices[label], "choices": choices, "label": label,
+    return {"id": row_id("mmlu", split, prompt), "task": "mmlu", "subject": subject,
+            "description": "", "prompt": prompt, "answer": choices[label], "choices": choices, "label": label,
             "target": None}
 
 
@@ -147,8 +152,8 @@ def _gsm8k_row(rng: random.Random, split: str) -> dict:
                     f"grows {k} times . how many {item} does {name} have ?")
         steps = f"{name} has {a} + {b} = {s} {item} . then {s} * {k} = {r} ."
     prompt = f"Question: {question}\nAnswer:"
-    return {"id": _row_id("gsm8k", split, question), "task": "gsm8k", "subject": "math",
-            "prompt": prompt, "answer": f" {steps}\n#### {r}", "choices": None, "label": None,
+    return {"id": row_id("gsm8k", split, question), "task": "gsm8k", "subject": "math",
+            "description": "", "prompt": prompt, "answer": f" {steps}\n#### {r}", "choices": None, "label": None,
             "target": str(r)}
 
 
@@ -181,12 +186,49 @@ def generate_task(task: str, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     return splits
 
 
-def load_task(task: str, cfg: DataConfig) -> dict[str, pd.DataFrame]:
-    """The splits of one task from the preset's data source."""
+@dataclass
+class TaskSplits:
+    """The `train`, `eval` and `fewshot` rows of one task, and the source rows skipped as
+    malformed ("file:line: why"; only with data.bad_rows: skip)."""
+
+    splits: dict[str, pd.DataFrame]
+    skipped: list[str] = field(default_factory=list)
+
+
+def load_task_splits(task: str, cfg: DataConfig) -> TaskSplits:
+    """The splits of one task from the preset's data source: generated, or the real dataset
+    (a local folder of its release files, or the hub) subsampled to the preset's sizes."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; tasks are {list(TASKS)}")
     if cfg.source == "synthetic":
-        return generate_task(task, cfg)
-    raise ValueError(f"data.source {cfg.source!r}: loaders for the real datasets are not built "
-                     "yet; use data.source: synthetic")
+        return TaskSplits(generate_task(task, cfg))
+    from distill_core import real_datasets as real
+
+    def load(split: str):
+        if cfg.source == "local":
+            return real.load_local(task, Path(cfg.dir), split, subjects=cfg.subjects, bad_rows=cfg.bad_rows)
+        return real.load_hub(task, split, subjects=cfg.subjects, bad_rows=cfg.bad_rows)
+
+    train_split = "val" if task == "mmlu" else "train"  # MMLU has no train split: its val
+    loaded = {s: load(s) for s in {train_split, real.EVAL_SPLIT[task], real.FEWSHOT_SPLIT[task]}}
+    pool = loaded[real.FEWSHOT_SPLIT[task]].rows
+    if task != "mmlu":  # the first rows of train, as exemplars; then not trained on
+        pool = pool[:cfg.fewshot_pool_size]
+    pool_ids = {r["id"] for r in pool}
+    splits = {"fewshot": pool}
+    for split, source, n in (("train", train_split, cfg.train_size[task]),
+                             ("eval", real.EVAL_SPLIT[task], cfg.eval_size[task])):
+        rows = [r for r in loaded[source].rows if r["id"] not in pool_ids]
+        if n > len(rows):
+            raise ValueError(f"data.{split}_size.{task}={n}, but {task} {source} has {len(rows)} rows")
+        splits[split] = random.Random(f"{cfg.seed}-{task}-{split}").sample(rows, n)
+    skipped = sorted({w for s in loaded.values() for w in s.skipped})
+    return TaskSplits({k: pd.DataFrame(v, columns=ROW_COLUMNS) for k, v in splits.items()}, skipped)
+
+
+def load_task(task: str, cfg: DataConfig) -> dict[str, pd.DataFrame]:
+    """The splits of one task from the preset's data source (see load_task_splits)."""
+    return load_task_splits(task, cfg).splits
 
 
 # --- prompts -----------------------------------------------------------------------------------
@@ -195,15 +237,50 @@ def fewshot_prefix(shots: list[dict]) -> str:
     return "".join(s["prompt"] + s["answer"] + FEWSHOT_SEPARATOR for s in shots)
 
 
+def select_shots(row: dict, pool: list[dict], k: int) -> list[dict]:
+    """The harness's first_n exemplars: the first k of the pool, those of the row's subject
+    first (MMLU's dev split holds 5 a subject)."""
+    if k == 0:
+        return []
+    same = [s for s in pool if s["subject"] == row["subject"]]
+    return (same + [s for s in pool if s["subject"] != row["subject"]])[:k]
+
+
 def render_prompt(row: dict, shots: list[dict]) -> str:
-    """The text the model is conditioned on: k solved shots, then the row's prompt."""
-    return fewshot_prefix(shots) + row["prompt"]
+    """The text the model is conditioned on: the description, k solved shots, then the row's
+    prompt (the harness's description + fewshot context + doc_to_text)."""
+    return (row.get("description") or "") + fewshot_prefix(shots) + row["prompt"]
 
 
 _FINAL_NUMBER = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
+# lm-evaluation-harness gsm8k (v3): the strict-match and flexible-extract filters, and the
+# normalisation its exact_match applies to both sides (regexes_to_ignore, ignore_case).
+GSM8K_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+GSM8K_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+_GSM8K_IGNORE = [re.compile(p) for p in (r",", r"\$", r"(?s).*#### ", r"\.$")]
 
 
 def final_number(text: str) -> str | None:
     """The number after ``####`` (GSM8K's answer convention), commas removed."""
     match = _FINAL_NUMBER.search(text)
     return match.group(1).replace(",", "") if match else None
+
+
+def gsm8k_normalize(text: str) -> str:
+    for pattern in _GSM8K_IGNORE:
+        text = pattern.sub("", text)
+    return text.strip().lower()
+
+
+def gsm8k_strict(generated: str) -> str:
+    """strict-match: the first ``#### N``; "[invalid]" when there is none."""
+    match = GSM8K_STRICT.search(generated)
+    return match.group(1) if match else "[invalid]"
+
+
+def gsm8k_flexible(generated: str) -> str:
+    """flexible-extract: the last number-like run of the text."""
+    matches = GSM8K_FLEXIBLE.findall(generated)
+    if not matches:
+        return "[invalid]"
+    return next(g for g in matches[-1] if g)

@@ -66,9 +66,11 @@ def from_bf16_bytes(data: bytes, shape: tuple[int, ...]) -> torch.Tensor:
 
 def training_contexts(rows: pd.DataFrame) -> pd.DataFrame:
     """id, task, context and answer of every training row. Training is zero-shot, as an LM's
-    fine-tuning data is; shots are an evaluation protocol (see evaluation.evaluate_task)."""
-    return pd.DataFrame({"id": rows["id"], "task": rows["task"], "context": rows["prompt"],
-                         "answer": rows["answer"]})
+    fine-tuning data is; shots are an evaluation protocol (see evaluation.evaluate_task). The
+    description (MMLU's subject line) is part of the context, as it is at evaluation."""
+    description = rows["description"].fillna("") if "description" in rows else ""
+    return pd.DataFrame({"id": rows["id"], "task": rows["task"],
+                         "context": description + rows["prompt"], "answer": rows["answer"]})
 
 
 def query_chunks(example: AlignedExample, which: str) -> list[int]:
@@ -236,7 +238,7 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
                          f"not aligned_rows' {ALIGNED_SCHEMA.names}")
     mapping = vocabulary_map(load_tokenizer(teacher_dir), load_tokenizer(student_tokenizer_dir))
     # Several blocks, so that every actor of the pool gets work (one table = one block).
-    n_blocks = max(actors, math.ceil(len(aligned) / (4 * batch_size)))
+    n_blocks = max(actors, math.ceil(len(aligned) / (16 * batch_size)))
     step = math.ceil(len(aligned) / n_blocks)
     blocks = [aligned.slice(i, step) for i in range(0, len(aligned), step)]
     ds = ray.data.from_arrow(blocks).map_batches(

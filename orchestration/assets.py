@@ -4,6 +4,7 @@ writes under a path derived from the versions that produced it, and describes th
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import dagster as dg
@@ -28,7 +29,8 @@ def _key(*parts) -> str:
 def _examples(context, experiment: ExperimentResource, splits: tuple[str, ...]):
     cfg = experiment.config()
     task = context.partition_key
-    generated = tasks.load_task(task, cfg.data)
+    loaded = tasks.load_task_splits(task, cfg.data)
+    generated = loaded.splits
     out_dir = experiment.root() / "examples" / task / _key(cfg.data.model_dump())
     paths = {s: write_parquet_atomic(generated[s], out_dir / f"{s}.parquet") for s in splits}
     main = generated[splits[0]]
@@ -47,17 +49,22 @@ def _examples(context, experiment: ExperimentResource, splits: tuple[str, ...]):
     for s in splits[1:]:
         metadata[f"{s}_path"] = dg.MetadataValue.path(str(paths[s]))
         metadata[f"{s}_rows"] = len(generated[s])
+    if cfg.data.source != "synthetic":
+        # Malformed source rows (data.bad_rows: skip): how many, and where.
+        metadata["skipped_rows"] = len(loaded.skipped)
+        metadata["skipped"] = dg.MetadataValue.md(
+            "\n".join(f"- {w}" for w in loaded.skipped[:50]) or "none")
     return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
 
 
-@dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "config"),
+@dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "real_datasets", "config"),
           group_name="data", kinds={"parquet"})
 def train_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
     """Unified training rows of one task (id, task, subject, prompt, answer, choices, label)."""
     return _examples(context, experiment, ("train",))
 
 
-@dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "config"),
+@dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "real_datasets", "config"),
           group_name="data", kinds={"parquet"})
 def eval_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
     """Unified evaluation rows of one task, and the few-shot pool the prompts draw from."""
@@ -218,7 +225,8 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
     examples = {t: upstream(context, "eval_examples", t) for t in TASKS}
     trials = pd.read_parquet(students["manifest"])
     spec = {t: {"rows": pd.read_parquet(m["path"]).to_dict("records"),
-                "shots": pd.read_parquet(m["fewshot_path"]).head(cfg.data.fewshot[t]).to_dict("records")}
+                "pool": pd.read_parquet(m["fewshot_path"]).to_dict("records"),
+                "shots": cfg.data.fewshot[t]}
             for t, m in examples.items()}
     models = {"teacher": teacher["path"], "untrained_student": students["untrained_student"],
               **{f"{r.group}-seed{r.seed}": r.path for r in trials.itertuples()}}
@@ -232,19 +240,28 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
             rows.append({"model": name, "group": trial.group if trial else name,
                          "seed": int(trial.seed) if trial else -1, "task": task,
                          "accuracy": s["accuracy"], "n": s["n"],
+                         "flexible_match": s.get("flexible_match"),
                          "mlflow_run_id": trial.mlflow_run_id if trial else students["mlflow_parent_run_id"]})
     table = pd.DataFrame(rows)
+    subjects = pd.DataFrame([  # MMLU per subject, as the harness reports it
+        {"model": name, "task": task, "subject": subject, **v}
+        for name, per_task in scores.items() for task, s in per_task.items()
+        for subject, v in s.get("per_subject", {}).items()],
+        columns=["model", "task", "subject", "n", "accuracy"])
     key = _key(students["grid_key"], {t: m["sha256"] for t, m in examples.items()},
                context.assets_def.code_versions_by_key[context.asset_key])
     path = write_parquet_atomic(table, experiment.root() / "evaluation" / key / "evaluation_table.parquet")
+    subjects_path = write_parquet_atomic(subjects, path.with_name("per_subject.parquet"))
     client = mlflow.client()
+    now = int(time.time() * 1000)
     for run_id, frame in table.groupby("mlflow_run_id"):
         metrics = [Metric(f"eval_{r.task}_accuracy" if r.seed >= 0 else f"{r.model}_{r.task}_accuracy",
-                          r.accuracy, 0, 0) for r in frame.itertuples()]
+                          r.accuracy, now, 0) for r in frame.itertuples()]
         client.log_batch(run_id, metrics=metrics)
     pivot = table.groupby(["group", "task"])["accuracy"].mean().unstack("task").reset_index()
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(str(path)), "rows": len(table),
+                  "per_subject_path": dg.MetadataValue.path(str(subjects_path)),
                   "models": len(models), "mean_accuracy": dg.MetadataValue.md(statistics.markdown_table(pivot)),
                   "mlflow_parent_run_id": students["mlflow_parent_run_id"],
                   "mlflow_experiment_id": students["mlflow_experiment_id"]},
@@ -255,8 +272,10 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
           code_version=code_version_of("statistics"))
 def comparison_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                       mlflow: MLflowResource):
-    """Per-task statistics of the groups (rm-ANOVA, Holm-corrected paired tests vs black_box,
-    Hedges' g, 95% CIs) as Markdown, CSV and a PNG plot, also on the MLflow parent run."""
+    """Per-task statistics of the groups (rm-ANOVA and Friedman; paired t and Wilcoxon vs
+    black_box, Holm-corrected; Hedges' g; t and bootstrap 95% CIs; the smallest difference the
+    seeds detect; the teacher gap recovered) as Markdown, CSV and a PNG plot, also on the
+    MLflow parent run."""
     cfg = experiment.config()
     evaluated = upstream(context, "evaluation_table")
     table = pd.read_parquet(evaluated["path"])

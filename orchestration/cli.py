@@ -2,6 +2,8 @@
 
   kdbench demo [--preset NAME] [--set key=value ...]      materialize the whole asset graph
   kdbench estimate [--preset NAME] [--set key=value ...]  the teacher cache's size, as JSON
+  kdbench eval --checkpoint DIR --task TASK --data-dir DIR [--subjects a,b] [--limit N]
+               [--predictions FILE]         one HF checkpoint on a real task, JSON last line
 """
 
 from __future__ import annotations
@@ -71,6 +73,55 @@ def estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+def evaluate(args: argparse.Namespace) -> int:
+    """The paper's split of one real task (SST-2 dev, MMLU test, GSM8K test) by the harness's
+    protocol, for any HF causal LM dir with its tokenizer."""
+    from distill_core import real_datasets as real
+    from distill_core.evaluation import evaluate_task
+    from distill_core.models import load_causal_lm, load_tokenizer
+
+    checkpoint, data_dir = Path(args.checkpoint), Path(args.data_dir)
+    if not (checkpoint / "config.json").is_file():
+        print(f"--checkpoint {checkpoint}: not an HF model folder (no config.json)", file=sys.stderr)
+        return 2
+    if args.limit is not None and args.limit < 1:
+        print(f"--limit {args.limit}: must be at least 1", file=sys.stderr)
+        return 2
+    subjects = [s for s in args.subjects.split(",") if s] if args.subjects else None
+    try:
+        rows = real.load_local(args.task, data_dir, real.EVAL_SPLIT[args.task], subjects=subjects).rows
+        pool = real.load_local(args.task, data_dir, real.FEWSHOT_SPLIT[args.task], subjects=subjects).rows
+    except (FileNotFoundError, ValueError) as err:
+        print(f"--data-dir {data_dir}: {err}", file=sys.stderr)
+        return 2
+    rows = rows[:args.limit] if args.limit else rows
+    shots = real.HARNESS_SHOTS[args.task] if args.shots is None else args.shots
+    import torch
+
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    model, tokenizer = load_causal_lm(checkpoint), load_tokenizer(checkpoint)
+    started = time.perf_counter()
+    try:
+        result = evaluate_task(model, tokenizer, rows, pool[:5] if args.task != "mmlu" else pool, shots,
+                               batch_size=args.batch_size, max_length=model.config.max_position_embeddings,
+                               max_new_tokens=args.max_new_tokens, predictions=bool(args.predictions))
+    except ValueError as err:
+        print(f"{args.task}: {err}", file=sys.stderr)
+        return 2
+    seconds = time.perf_counter() - started
+    records = result.pop("predictions", None)
+    if args.predictions:
+        out = Path(args.predictions)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(out)  # never a half-written predictions file
+    print(json.dumps({"task": args.task, **result, "shots": shots, "checkpoint": str(checkpoint),
+                      "split": real.EVAL_SPLIT[args.task], "seconds": round(seconds, 2),
+                      "examples_per_s": round(result["n"] / seconds, 2)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kdbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +135,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set cache.attention_queries=all")
     p.set_defaults(func=estimate)
+    p = sub.add_parser("eval", help="evaluate an HF checkpoint on a real task (JSON last line)")
+    p.add_argument("--checkpoint", required=True, help="an HF causal LM folder with its tokenizer")
+    p.add_argument("--task", required=True, choices=["sst2", "mmlu", "gsm8k"])
+    p.add_argument("--data-dir", required=True, help="a folder laid out as ../shared/data")
+    p.add_argument("--subjects", default=None, help="MMLU subjects, comma-separated (default: all found)")
+    p.add_argument("--limit", type=int, default=None, help="the first N examples only")
+    p.add_argument("--predictions", default=None, help="write per-example predictions (JSONL) here")
+    p.add_argument("--shots", type=int, default=None, help="default: the harness's (0, 5, 5)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation budget")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=evaluate)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -68,3 +68,16 @@ def build_cache():
                                    student_tokenizer_dir=str(student_dir), **args)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """The real datasets' release files beside the checkout (../shared/data), or where
+    KDBENCH_SHARED_DATA says."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("KDBENCH_SHARED_DATA",
+                               Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+    if not path.exists():
+        pytest.skip(f"{path} is not there")
+    return path

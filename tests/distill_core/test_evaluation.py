@@ -1,8 +1,15 @@
-"""Batched scoring and batched greedy generation agree with one-at-a-time computation."""
+"""Batched scoring (shared context where every option is one token, one row an option
+otherwise) and batched greedy generation agree with one-at-a-time computation; `kdbench
+eval` scores a checkpoint of the demo's format on the real files."""
 
 import torch
 
-from distill_core.evaluation import continuation_loglikelihoods, evaluate_task, greedy_generate
+import json
+
+import pytest
+
+from distill_core.evaluation import (choice_loglikelihoods, evaluate_task, greedy_generate,
+                                    naive_choice_loglikelihoods)
 from distill_core.models import load_causal_lm, load_tokenizer
 
 
@@ -16,13 +23,18 @@ def _manual_loglikelihood(model, tokenizer, context, continuation):
     return sum(logprobs[i - 1, full[i]].item() for i in range(len(full) - n_cont, len(full)))
 
 
-def test_batched_loglikelihoods_equal_one_at_a_time(tiny_teacher_dir, tiny_data):
+@pytest.mark.parametrize("choices", [None, [" yes , surely", " no", " A B"]],
+                         ids=["one-token options (shared context)", "multi-token options"])
+def test_batched_loglikelihoods_equal_one_at_a_time(tiny_teacher_dir, tiny_data, choices):
     model, tok = load_causal_lm(tiny_teacher_dir), load_tokenizer(tiny_teacher_dir)
-    rows = tiny_data["mmlu"]["eval"].head(4).to_dict("records")
-    pairs = [(r["prompt"], c) for r in rows for c in r["choices"]]
-    batched = continuation_loglikelihoods(model, tok, pairs, batch_size=5, max_length=256)
-    single = [_manual_loglikelihood(model, tok, c, a) for c, a in pairs]
+    rows = tiny_data["mmlu"]["eval"].head(5).to_dict("records")
+    contexts = [r["prompt"] for r in rows]
+    options = [choices or list(r["choices"]) for r in rows]
+    batched = choice_loglikelihoods(model, tok, contexts, options, batch_size=3, max_length=256)
+    single = [[_manual_loglikelihood(model, tok, c, a) for a in xs] for c, xs in zip(contexts, options)]
+    naive = naive_choice_loglikelihoods(model, tok, contexts, options, max_length=256)
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(torch.tensor(naive), torch.tensor(single), atol=1e-3, rtol=1e-4)
 
 
 def test_batched_greedy_generation_equals_unbatched(tiny_teacher_dir, tiny_data):
@@ -37,9 +49,43 @@ def test_batched_greedy_generation_equals_unbatched(tiny_teacher_dir, tiny_data)
 def test_accuracy_counts_the_options_argmax(tiny_teacher_dir, tiny_data):
     model, tok = load_causal_lm(tiny_teacher_dir), load_tokenizer(tiny_teacher_dir)
     rows = tiny_data["sst2"]["eval"].to_dict("records")
-    result = evaluate_task(model, tok, rows, [], batch_size=8, max_length=256, max_new_tokens=4)
-    pairs = [(r["prompt"], c) for r in rows for c in r["choices"]]
-    scores = continuation_loglikelihoods(model, tok, pairs, batch_size=8, max_length=256)
-    expected = sum(int(scores[2 * i + r["label"]] > scores[2 * i + 1 - r["label"]])
-                   for i, r in enumerate(rows)) / len(rows)
-    assert result == {"accuracy": expected, "n": len(rows)}
+    result = evaluate_task(model, tok, rows, [], 0, batch_size=8, max_length=256, max_new_tokens=4)
+    scores = naive_choice_loglikelihoods(model, tok, [r["prompt"] for r in rows],
+                                         [list(r["choices"]) for r in rows], max_length=256)
+    expected = sum(int(s[r["label"]] > s[1 - r["label"]]) for s, r in zip(scores, rows)) / len(rows)
+    assert result == {"accuracy": expected, "n": len(rows), "truncated": 0}
+
+
+@pytest.mark.parametrize("task", ["sst2", "mmlu", "gsm8k"])
+def test_kdbench_eval_scores_a_checkpoint_on_the_real_files(task, tiny_teacher_dir, shared_data,
+                                                            tmp_path, capsys):
+    from orchestration.cli import main
+
+    predictions = tmp_path / "predictions.jsonl"
+    args = ["eval", "--checkpoint", str(tiny_teacher_dir), "--task", task, "--data-dir",
+            str(shared_data), "--limit", "6", "--predictions", str(predictions),
+            "--max-new-tokens", "16"]
+    if task == "mmlu":
+        args += ["--subjects", "high_school_physics,high_school_biology"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["task"] == task and out["n"] == 6 and 0 <= out["accuracy"] <= 1
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(records) == 6 and out["accuracy"] == sum(r["correct"] for r in records) / 6
+    if task == "mmlu":
+        assert out["shots"] == 5 and sum(s["n"] for s in out["per_subject"].values()) == 6
+        assert out["truncated"] == 6  # 5 shots do not fit the tiny model's 256 positions
+    if task == "gsm8k":
+        assert {"strict_match", "flexible_match"} <= set(out) and out["strict_match"] == out["accuracy"]
+        assert all(r["reference"] == r["reference"].strip() and r["reference"] for r in records)
+
+
+def test_kdbench_eval_names_a_bad_checkpoint_or_data_dir(tiny_teacher_dir, tmp_path, capsys):
+    from orchestration.cli import main
+
+    assert main(["eval", "--checkpoint", str(tmp_path), "--task", "sst2", "--data-dir", str(tmp_path)]) == 2
+    assert "not an HF model folder" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tiny_teacher_dir), "--task", "sst2",
+                 "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--data-dir" in err and "no file" in err and "dev.tsv" in err
