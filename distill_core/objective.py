@@ -5,6 +5,7 @@
 | hidden_state | a*L_task + b*L_KD + g1*L_align_hidden                   |
 | attention    | a*L_task + b*L_KD + g2*L_align_attn                     |
 | combined     | a*L_task + b*L_KD + g1*L_align_hidden + g2*L_align_attn |
+| task_only    | a*L_task (the control: no teacher)                      |
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from distill_core.config import GROUPS, DistillConfig
+from distill_core.config import ALL_GROUPS, DistillConfig
 from distill_core.cross_vocab import VocabularyBridge
 from distill_core.losses import L_KD, L_KD_across_vocab, L_align_attn, L_align_hidden, L_task
 
@@ -35,11 +36,11 @@ class LossWeights:
 
 
 def loss_weights(group: str, cfg: DistillConfig) -> LossWeights:
-    if group not in GROUPS:
-        raise ValueError(f"unknown group {group!r}; groups are {list(GROUPS)}")
+    if group not in ALL_GROUPS:
+        raise ValueError(f"unknown group {group!r}; groups are {list(ALL_GROUPS)}")
     return LossWeights(
         alpha_task=cfg.alpha_task,
-        beta_kd=cfg.beta_kd,
+        beta_kd=0.0 if group == "task_only" else cfg.beta_kd,
         gamma_hidden=cfg.gamma_hidden if group in ("hidden_state", "combined") else 0.0,
         gamma_attn=cfg.gamma_attn if group in ("attention", "combined") else 0.0,
         temperature=cfg.temperature,

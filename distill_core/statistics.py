@@ -2,9 +2,12 @@
 
 Seeds pair the groups (seed s: same student init, projector init and data order in every
 group), so the tests are within-subject with seed as the subject:
-- repeated-measures ANOVA over groups;
-- each other group against the baseline (`black_box`): paired t-test, Holm-corrected across
-  the comparisons of a task, Hedges' g, and the 95% CI of the mean paired difference.
+- repeated-measures ANOVA over groups, and Friedman's test as the non-parametric check;
+- each other group against the baseline (`black_box`): paired t-test and Wilcoxon signed-rank,
+  each Holm-corrected across the comparisons of a task, Hedges' g, the t-based and a bootstrap
+  95% CI of the mean paired difference, and the smallest difference these seeds could detect
+  (80% power, two-sided alpha 0.05, at the observed sd of the differences);
+- the share of the teacher - untrained-student gap each group recovers.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import pandas as pd
 import pingouin as pg
 from scipy import stats
 
-from distill_core.config import GROUPS
+from distill_core.config import ALL_GROUPS
 
 ALPHA = 0.05
+POWER = 0.8
+BOOTSTRAP_RESAMPLES = 10_000
 
 
 def _mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
@@ -57,6 +62,44 @@ def rm_anova(frame: pd.DataFrame) -> dict:
     return out
 
 
+def friedman(frame: pd.DataFrame) -> dict:
+    """Friedman's test over groups with seed as the block, for one task."""
+    out = {"friedman_Q": float("nan"), "friedman_p": float("nan")}
+    wide = frame.pivot(index="seed", columns="group", values="accuracy").dropna()
+    if wide.shape[1] < 2 or wide.shape[0] < 2 or np.ptp(wide.to_numpy()) == 0:
+        return out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        res = pg.friedman(data=frame, dv="accuracy", within="group", subject="seed").iloc[0]
+    out.update(friedman_Q=float(res["Q"]), friedman_p=float(res["p_unc"]))
+    return out
+
+
+def bootstrap_ci(diff: np.ndarray, confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of paired differences (seeds resampled)."""
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), (BOOTSTRAP_RESAMPLES, len(diff)))].mean(axis=1)
+    tail = (1 - confidence) / 2 * 100
+    return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+
+
+def minimum_detectable_difference(diff: np.ndarray) -> float:
+    """The mean paired difference a paired t-test on this many seeds detects with 80% power
+    (two-sided, alpha 0.05), at the observed sd of the differences."""
+    if len(diff) < 3 or np.std(diff, ddof=1) == 0:
+        return float("nan")
+    d = pg.power_ttest(n=len(diff), power=POWER, alpha=ALPHA, contrast="paired")
+    return float(d * np.std(diff, ddof=1))
+
+
+def _holm(table: pd.DataFrame, column: str) -> pd.Series:
+    out = pd.Series(float("nan"), index=table.index)
+    testable = table[column].notna()
+    if testable.any():
+        out[testable] = pg.multicomp(table.loc[testable, column].to_numpy(), method="holm")[1]
+    return out
+
+
 def paired_vs_baseline(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
     """Every group of one task against `baseline`, paired by seed, Holm-corrected."""
     wide = frame.pivot(index="seed", columns="group", values="accuracy").dropna()
@@ -67,34 +110,60 @@ def paired_vs_baseline(frame: pd.DataFrame, baseline: str) -> pd.DataFrame:
         diff = x - y
         row = {"group": group, "baseline": baseline, "n_pairs": len(diff),
                "mean_diff": diff.mean(), "ci_low": float("nan"), "ci_high": float("nan"),
-               "t": float("nan"), "p_unc": float("nan"), "hedges_g": float("nan")}
+               "boot_ci_low": float("nan"), "boot_ci_high": float("nan"),
+               "t": float("nan"), "p_unc": float("nan"), "p_wilcoxon": float("nan"),
+               "hedges_g": float("nan"), "mdd_80": float("nan")}
         if len(diff) >= 2 and np.ptp(diff) > 0:
             res = pg.ttest(x, y, paired=True).iloc[0]
             low, high = _mean_ci(diff)  # pingouin's CI95 is rounded to 2 decimals
+            boot_low, boot_high = bootstrap_ci(diff)
             row.update(t=float(res["T"]), p_unc=float(res["p_val"]), ci_low=low, ci_high=high,
-                       hedges_g=float(pg.compute_effsize(x, y, paired=True, eftype="hedges")))
+                       boot_ci_low=boot_low, boot_ci_high=boot_high,
+                       hedges_g=float(pg.compute_effsize(x, y, paired=True, eftype="hedges")),
+                       mdd_80=minimum_detectable_difference(diff))
+            if np.any(diff != 0):
+                # Exact signed-rank p-value (no ties at these sizes in general; scipy
+                # falls back to the normal approximation with ties or zeros).
+                row["p_wilcoxon"] = float(stats.wilcoxon(x, y).pvalue)
         elif len(diff) >= 2:  # identical differences: no variance, no test
             row.update(ci_low=diff.mean(), ci_high=diff.mean())
         rows.append(row)
     table = pd.DataFrame(rows)
     if table.empty:
         return table
-    testable = table["p_unc"].notna()
-    table["p_holm"] = float("nan")
-    if testable.any():
-        _, corrected = pg.multicomp(table.loc[testable, "p_unc"].to_numpy(), method="holm")
-        table.loc[testable, "p_holm"] = corrected
+    table["p_holm"] = _holm(table, "p_unc")
+    table["p_wilcoxon_holm"] = _holm(table, "p_wilcoxon")
     table["significant"] = table["p_holm"] < ALPHA
     return table
 
 
-def compare_groups(students: pd.DataFrame, baseline: str = "black_box") -> dict[str, pd.DataFrame]:
-    """students: one row per (task, group, seed) with `accuracy`.
+def gap_recovered(summary: pd.DataFrame, references: pd.DataFrame) -> pd.Series:
+    """(group mean - untrained student) / (teacher - untrained student), per summary row: 1 is
+    the teacher's accuracy, 0 the untrained student's; NaN where there is no gap."""
+    refs = references.pivot_table(index="task", columns="model", values="accuracy")
+    out = []
+    for r in summary.itertuples():
+        try:
+            teacher, untrained = refs.loc[r.task, "teacher"], refs.loc[r.task, "untrained_student"]
+        except KeyError:
+            out.append(float("nan"))
+            continue
+        gap = teacher - untrained
+        out.append((r.mean - untrained) / gap if abs(gap) > 1e-12 else float("nan"))
+    return pd.Series(out, index=summary.index, dtype=float)
+
+
+def compare_groups(students: pd.DataFrame, baseline: str = "black_box",
+                   references: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
+    """students: one row per (task, group, seed) with `accuracy`; references: (model, task,
+    accuracy) of the teacher and the untrained student, for the gap each group recovers.
     Returns {"summary", "anova", "pairwise"} tables covering every task."""
     summary = summarize(students)
+    if references is not None:
+        summary["gap_recovered"] = gap_recovered(summary, references)
     anova, pairwise = [], []
     for task, frame in students.groupby("task", sort=False):
-        anova.append({"task": task, **rm_anova(frame)})
+        anova.append({"task": task, **rm_anova(frame), **friedman(frame)})
         if baseline in set(frame["group"]):
             pairs = paired_vs_baseline(frame, baseline)
             pairs.insert(0, "task", task)
@@ -111,6 +180,10 @@ def verdict(task: str, anova: dict, pairs: pd.DataFrame) -> str:
     else:
         head = (f"{task}: no significant difference between groups "
                 f"(rm-ANOVA F={anova['F']:.2f}, p={anova['p_unc']:.3g}).")
+    if not np.isnan(anova.get("friedman_p", float("nan"))):
+        agree = (anova["friedman_p"] < ALPHA) == (anova["p_unc"] < ALPHA)
+        head += (f" Friedman {'agrees' if agree else 'disagrees'} (Q={anova['friedman_Q']:.2f}, "
+                 f"p={anova['friedman_p']:.3g}).")
     details = []
     for _, r in pairs.iterrows():
         if r["significant"]:
@@ -118,8 +191,11 @@ def verdict(task: str, anova: dict, pairs: pd.DataFrame) -> str:
             details.append(f"{r['group']} is {word} than {r['baseline']} by {r['mean_diff']:+.3f} "
                            f"(Holm p={r['p_holm']:.3g}, g={r['hedges_g']:.2f})")
         else:
+            mdd = r.get("mdd_80", float("nan"))
+            power = (f"; these seeds detect {mdd:.3f} or more with 80% power"
+                     if not np.isnan(mdd) else "")
             details.append(f"{r['group']} vs {r['baseline']}: no significant difference "
-                           f"({r['mean_diff']:+.3f})")
+                           f"({r['mean_diff']:+.3f}{power})")
     return head + (" " + "; ".join(details) + "." if details else "")
 
 
@@ -146,11 +222,14 @@ def write_report(students: pd.DataFrame, references: pd.DataFrame, out_dir: Path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     students = _in_study_order(students)
-    tables = compare_groups(students, baseline)
+    tables = compare_groups(students, baseline, references)
     verdicts = []
     parts = [f"# {title}\n", "Accuracy per group over seeds; seed is the pairing subject. "
-             f"Tests: repeated-measures ANOVA; each group vs `{baseline}` by paired t-test, "
-             "Holm-corrected per task; Hedges' g; 95% CI of the mean paired difference.\n"]
+             "Tests: repeated-measures ANOVA, Friedman as the non-parametric check; each group "
+             f"vs `{baseline}` by paired t-test and Wilcoxon signed-rank, each Holm-corrected "
+             "per task; Hedges' g; t-based and bootstrap 95% CIs of the mean paired difference; "
+             "`mdd_80`: the smallest difference these seeds detect with 80% power; "
+             "`gap_recovered`: (group - untrained student) / (teacher - untrained student).\n"]
     for task in students["task"].unique():
         anova = tables["anova"].set_index("task").loc[task].to_dict()
         pairs = tables["pairwise"][tables["pairwise"]["task"] == task] \
@@ -176,7 +255,7 @@ def write_report(students: pd.DataFrame, references: pd.DataFrame, out_dir: Path
 
 def _in_study_order(students: pd.DataFrame) -> pd.DataFrame:
     """Rows ordered as the study's table of groups (black_box first), then by seed."""
-    rank = {g: i for i, g in enumerate(GROUPS)}
+    rank = {g: i for i, g in enumerate(ALL_GROUPS)}
     order = students["group"].map(lambda g: rank.get(g, len(rank)))
     return students.assign(_rank=order).sort_values(["_rank", "group", "seed"], kind="stable") \
         .drop(columns="_rank")

@@ -77,3 +77,40 @@ def test_report_files_and_verdicts(tmp_path):
     null = write_report(_table({"black_box": 0.0, "combined": 0.0}, rng_seed=3), refs,
                         tmp_path / "null", title="t")
     assert "no significant difference" in null["verdicts"][0]
+
+
+def test_friedman_wilcoxon_bootstrap_power_and_gap_against_hand_values():
+    # Three groups, four seeds, the same order on every seed: ranks 1, 2, 3 on each block,
+    # so Q = 12/(n k (k+1)) * sum R_j^2 - 3 n (k+1) = 0.25 * (16 + 64 + 144) - 48 = 8.
+    acc = {"black_box": [.50, .60, .55, .65], "hidden_state": [.52, .63, .58, .66],
+           "combined": [.56, .64, .60, .70]}
+    table = pd.DataFrame([{"task": "t", "group": g, "seed": s, "accuracy": a}
+                          for g, values in acc.items() for s, a in enumerate(values)])
+    refs = pd.DataFrame({"model": ["teacher", "untrained_student"], "task": "t", "accuracy": [.9, .5]})
+    out = compare_groups(table, references=refs)
+    anova = out["anova"].iloc[0]
+    assert math.isclose(anova["friedman_Q"], 8.0) and math.isclose(anova["friedman_p"], math.exp(-4))
+    summary = out["summary"].set_index("group")
+    assert math.isclose(summary.loc["combined", "gap_recovered"], (0.625 - 0.5) / 0.4)
+    pair = out["pairwise"].set_index("group").loc["combined"]
+    # Four positive differences: the exact two-sided signed-rank p is 2 / 2^4.
+    assert math.isclose(pair["p_wilcoxon"], 2 / 16)
+    diff = np.array(acc["combined"]) - np.array(acc["black_box"])
+    assert pair["boot_ci_low"] <= diff.mean() <= pair["boot_ci_high"]
+    assert diff.min() <= pair["boot_ci_low"] and pair["boot_ci_high"] <= diff.max()
+    # The minimum detectable difference has 80% power, checked with the noncentral t.
+    n, sd = len(diff), diff.std(ddof=1)
+    nc = pair["mdd_80"] / sd * math.sqrt(n)
+    crit = stats.t.ppf(0.975, n - 1)
+    power = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)
+    assert math.isclose(power, 0.8, abs_tol=1e-3)
+
+
+def test_the_verdict_says_what_a_null_result_could_have_detected(tmp_path):
+    refs = pd.DataFrame({"model": ["teacher", "untrained_student"], "task": "sst2",
+                         "accuracy": [0.9, 0.5]})
+    out = write_report(_table({"black_box": 0.0, "task_only": 0.0}, rng_seed=3), refs, tmp_path, title="t")
+    assert "task_only vs black_box: no significant difference" in out["verdicts"][0]
+    assert "with 80% power" in out["verdicts"][0] and "Friedman" in out["verdicts"][0]
+    assert {"p_wilcoxon_holm", "boot_ci_low", "mdd_80"} <= set(pd.read_csv(tmp_path / "pairwise.csv"))
+    assert "gap_recovered" in pd.read_csv(tmp_path / "summary.csv")
