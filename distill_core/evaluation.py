@@ -184,3 +184,12 @@ def evaluate_models(models: dict[str, str], tasks: dict[str, dict], *, batch_siz
                                    max_new_tokens=max_new_tokens)
                for name, path in models.items()}
     return dict(zip(futures, ray.get(list(futures.values()))))
+
+
+def table_problems(table, models: list[str], tasks: list[str]) -> list[str]:
+    """What is missing or wrong in an evaluation table (model, task, accuracy, n rows)."""
+    have = set(zip(table["model"], table["task"]))
+    problems = [f"{m} x {t}: not scored" for m in models for t in tasks if (m, t) not in have]
+    bad = table[~table["accuracy"].between(0, 1) | (table["n"] < 1)]
+    problems += [f"{r.model} x {r.task}: accuracy {r.accuracy} on n={r.n}" for r in bad.itertuples()]
+    return problems

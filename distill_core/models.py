@@ -49,13 +49,23 @@ def load_causal_lm(source: str | Path, revision: str | None = None, dtype=torch.
         str(source), revision=revision, dtype=dtype, use_safetensors=True,
         trust_remote_code=False, attn_implementation="sdpa",
     )
+    if model.config.model_type != "llama":  # the final-layer attention hook is Llama's
+        raise ValueError(f"{source}: a {model.config.model_type!r} model; kdbench needs a "
+                         "Llama-architecture causal LM")
     return model.eval()
 
 
-def load_tokenizer(source: str | Path, revision: str | None = None):
-    tok = AutoTokenizer.from_pretrained(str(source), revision=revision, trust_remote_code=False)
+def _require_fast(tok, source):
+    """Alignment and answer masks come from character offsets, which only fast (Rust)
+    tokenizers give."""
     if not tok.is_fast:
         raise ValueError(f"{source}: a fast tokenizer (with offsets) is required")
+    return tok
+
+
+def load_tokenizer(source: str | Path, revision: str | None = None):
+    tok = _require_fast(AutoTokenizer.from_pretrained(str(source), revision=revision,
+                                                      trust_remote_code=False), source)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

@@ -284,3 +284,22 @@ def gsm8k_flexible(generated: str) -> str:
     if not matches:
         return "[invalid]"
     return next(g for g in matches[-1] if g)
+
+
+def row_problems(rows: pd.DataFrame) -> list[str]:
+    """What is wrong with a split's rows (empty when nothing): duplicate ids, empty prompts or
+    answers, labels that are not an index of the row's choices, math rows without a target."""
+    problems = []
+    duplicated = rows["id"][rows["id"].duplicated()].unique().tolist()
+    if duplicated:
+        problems.append(f"{len(duplicated)} duplicate ids, e.g. {duplicated[:3]}")
+    for column in ("prompt", "answer"):
+        empty = rows["id"][rows[column].fillna("").str.strip() == ""].tolist()
+        if empty:
+            problems.append(f"{len(empty)} rows with an empty {column}, e.g. {empty[:3]}")
+    for r in rows.itertuples():
+        if r.choices is not None and len(r.choices) and not 0 <= int(r.label) < len(r.choices):
+            problems.append(f"row {r.id}: label {r.label} is not an index of its {len(r.choices)} choices")
+        elif (r.choices is None or not len(r.choices)) and not r.target:
+            problems.append(f"row {r.id}: a generation row without a target")
+    return problems

@@ -176,6 +176,9 @@ class TeacherSignals:
         with capture_final_attention(self.teacher, mask, query_pos.to(dev)) as captured:
             hidden = self.teacher.model(input_ids=ids.to(dev), attention_mask=mask).last_hidden_state
         at_ends = hidden[chunk_row.to(dev), ends.to(dev)]                        # [sum C, D]
+        if not bool(torch.isfinite(at_ends).all()):  # a broken teacher must not be cached
+            bad = sorted({str(batch["id"][int(r)]) for r in chunk_row[~torch.isfinite(at_ends).all(-1).cpu()]})
+            raise ValueError(f"teacher {self.teacher.name_or_path}: non-finite hidden states on rows {bad[:5]}")
         # Token -> chunk on the teacher's side: a chunk starts after each chunk end (padding
         # falls in a chunk past the row's last, dropped below).
         starts = torch.zeros(b, t + 1, dtype=torch.long)
@@ -292,3 +295,38 @@ def read_teacher_cache(cache_dir: Path) -> pd.DataFrame:
     manifest = read_manifest(cache_dir)
     table = pd.concat([pq.read_table(Path(cache_dir) / f).to_pandas() for f in manifest["files"]])
     return table.sort_values("id", kind="stable").reset_index(drop=True)
+
+
+def cache_problems(cache_dir: Path, expected_rows: int, d_teacher: int, heads: int,
+                   sample_rows: int = 512) -> list[str]:
+    """What is wrong with a complete cache (empty when nothing): its schema, its row count
+    against its input, every row's alignment covering both token sequences with signal sizes
+    that match, and finite signals on the first `sample_rows` rows of each shard (the actors
+    refuse non-finite teacher outputs; this re-reads what was written)."""
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    problems = []
+    rows = 0
+    for name in manifest["files"]:
+        file = pq.ParquetFile(cache_dir / name)
+        if not file.schema_arrow.equals(CACHE_SCHEMA):
+            problems.append(f"{name}: schema {file.schema_arrow} is not CACHE_SCHEMA")
+            continue
+        rows += file.metadata.num_rows
+        table = file.read().to_pydict()
+        for i, rid in enumerate(table["id"]):
+            s_ends, t_ends = table["student_chunk_ends"][i], table["teacher_chunk_ends"][i]
+            c, q = len(s_ends), len(table["attn_queries"][i])
+            if len(t_ends) != c or s_ends[-1] != table["n_tokens"][i] - 1 \
+                    or t_ends[-1] != table["teacher_n_tokens"][i] - 1:
+                problems.append(f"{name} row {rid}: chunks do not cover both token sequences")
+            elif len(table["hidden"][i]) != 2 * c * d_teacher or len(table["attention"][i]) != 2 * heads * q * c:
+                problems.append(f"{name} row {rid}: signal sizes do not match {c} chunks")
+            elif i < sample_rows and not (bool(torch.isfinite(bf16_tensor(table["hidden"][i])).all())
+                                          and bool(torch.isfinite(bf16_tensor(table["attention"][i])).all())):
+                problems.append(f"{name} row {rid}: non-finite teacher signals")
+            if len(problems) >= 20:
+                return problems + ["(stopped after 20)"]
+    if rows != expected_rows:
+        problems.append(f"{rows} rows for {expected_rows} inputs")
+    return problems

@@ -16,6 +16,7 @@ from distill_core import (cache_size, evaluation, grid, statistics, tasks, teach
 from distill_core.config import TASKS
 from distill_core.storage import write_parquet_atomic
 from distill_core.training import write_untrained_student
+from orchestration import checks
 from orchestration.lineage import dir_bytes, file_sha256, upstream
 from orchestration.partitions import task_partitions
 from orchestration.resources import ExperimentResource, MLflowResource, RayResource
@@ -54,18 +55,24 @@ def _examples(context, experiment: ExperimentResource, splits: tuple[str, ...]):
         metadata["skipped_rows"] = len(loaded.skipped)
         metadata["skipped"] = dg.MetadataValue.md(
             "\n".join(f"- {w}" for w in loaded.skipped[:50]) or "none")
-    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(version))
+    problems = [f"{s}: {p}" for s in splits for p in tasks.row_problems(generated[s])]
+    balance = metadata.get("label_balance", dg.MetadataValue.json({}))
+    return dg.MaterializeResult(
+        metadata=metadata, data_version=dg.DataVersion(version),
+        check_results=[checks.result(checks.EXAMPLES[0], problems, label_balance=balance)])
 
 
 @dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "real_datasets", "config"),
-          group_name="data", kinds={"parquet"})
+          group_name="data", kinds={"parquet"},
+          check_specs=[checks.spec("train_examples", *checks.EXAMPLES)])
 def train_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
     """Unified training rows of one task (id, task, subject, prompt, answer, choices, label)."""
     return _examples(context, experiment, ("train",))
 
 
 @dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "real_datasets", "config"),
-          group_name="data", kinds={"parquet"})
+          group_name="data", kinds={"parquet"},
+          check_specs=[checks.spec("eval_examples", *checks.EXAMPLES)])
 def eval_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
     """Unified evaluation rows of one task, and the few-shot pool the prompts draw from."""
     return _examples(context, experiment, ("eval", "fewshot"))
@@ -98,7 +105,8 @@ def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResou
 @dg.asset(name="teacher_cache", partitions_def=task_partitions, deps=[train_examples, teacher_model],
           group_name="teacher", kinds={"ray", "parquet"},
           code_version=code_version_of("teacher_cache", "final_layer_attention", "encoding", "models",
-                                       "alignment", "cross_vocab", "cache_size"))
+                                       "alignment", "cross_vocab", "cache_size"),
+          check_specs=[checks.spec("teacher_cache", *checks.CACHE)])
 def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                         ray_cluster: RayResource):
     """The teacher's signals on one task's training rows, aligned to the student's tokens
@@ -147,7 +155,10 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
                   "estimated_bytes_per_token": dg.MetadataValue.json(estimated["bytes_per_token"]),
                   "vocabulary_map_coverage": manifest["vocabulary_map_coverage"],
                   "shards": len(manifest["files"])},
-        data_version=dg.DataVersion(key))
+        data_version=dg.DataVersion(key),
+        check_results=[checks.result(checks.CACHE[0], teacher_cache.cache_problems(
+            out_dir, len(aligned), teacher_config["hidden_size"], teacher_config["num_attention_heads"]),
+            vocabulary_map_coverage=manifest["vocabulary_map_coverage"])])
 
 
 
@@ -155,7 +166,8 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
 @dg.asset(deps=[teacher_cache_asset, teacher_model], group_name="students", kinds={"ray", "mlflow"},
           code_version=code_version_of("training", "objective", "losses", "student", "grid",
                                        "final_layer_attention", "tracking", "models", "encoding",
-                                       "alignment", "cross_vocab"))
+                                       "alignment", "cross_vocab"),
+          check_specs=[checks.spec("student_checkpoints", *checks.GRID)])
 def student_checkpoints(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                         ray_cluster: RayResource, mlflow: MLflowResource):
     """The groups x seeds grid, one Ray Tune run; each trial is a nested MLflow child run of
@@ -201,7 +213,13 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
     if len(failed):
         raise dg.Failure(f"{len(failed)} of {len(table)} trials did not finish: "
                          f"{failed[['group', 'seed']].to_dict('records')}")
+    expected = {(g, s) for g in cfg.distill.groups for s in cfg.seeds}
+    done = {(r.group, r.seed) for r in table.itertuples()
+            if (Path(r.path) / "model.safetensors").is_file() and (Path(r.path) / "kdbench.json").is_file()}
+    grid_problems = [f"{g}-seed{s}: no finished checkpoint" for g, s in sorted(expected - done)]
+    grid_problems += [f"{g}-seed{s}: not in the grid" for g, s in sorted(done - expected)]
     return dg.MaterializeResult(
+        check_results=[checks.result(checks.GRID[0], grid_problems, trials=len(table))],
         metadata={"path": dg.MetadataValue.path(str(out_dir)), "trials": len(table),
                   "manifest": dg.MetadataValue.path(str(manifest)),
                   "untrained_student": dg.MetadataValue.path(str(untrained)),
@@ -215,7 +233,8 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
 
 @dg.asset(deps=[student_checkpoints, eval_examples, teacher_model], group_name="evaluation",
           kinds={"ray", "parquet", "mlflow"},
-          code_version=code_version_of("evaluation", "encoding", "models", "tasks"))
+          code_version=code_version_of("evaluation", "encoding", "models", "tasks"),
+          check_specs=[checks.spec("evaluation_table", *checks.EVALUATION)])
 def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                      ray_cluster: RayResource, mlflow: MLflowResource):
     """Every checkpoint, the teacher and the untrained student, on every task's eval split."""
@@ -260,6 +279,8 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
         client.log_batch(run_id, metrics=metrics)
     pivot = table.groupby(["group", "task"])["accuracy"].mean().unstack("task").reset_index()
     return dg.MaterializeResult(
+        check_results=[checks.result(checks.EVALUATION[0],
+                                     evaluation.table_problems(table, list(models), list(TASKS)))],
         metadata={"path": dg.MetadataValue.path(str(path)), "rows": len(table),
                   "per_subject_path": dg.MetadataValue.path(str(subjects_path)),
                   "models": len(models), "mean_accuracy": dg.MetadataValue.md(statistics.markdown_table(pivot)),

@@ -72,7 +72,12 @@ class MLflowResource(dg.ConfigurableResource):
 
     def experiment_id(self, name: str) -> str:
         client = self.client()
-        found = client.get_experiment_by_name(name)
+        try:
+            found = client.get_experiment_by_name(name)
+        except Exception as err:  # a wrong URI or a server that is down: say which
+            raise RuntimeError(f"MLflow tracking at {self.resolved_uri()} is not reachable "
+                               f"({type(err).__name__}: {str(err)[:200]}); check "
+                               "MLflowResource.tracking_uri") from err
         if found:
             return found.experiment_id
         location = Path(self.artifact_root).resolve().as_uri()

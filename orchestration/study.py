@@ -10,7 +10,9 @@ from orchestration.definitions import all_assets
 
 
 def materialize_study(resources: dict, instance: dg.DagsterInstance, log=print) -> dict[str, dict]:
-    """Returns the latest materialization metadata of every asset (by asset name)."""
+    """Returns the latest materialization metadata of every asset (by asset name), and under
+    "asset_checks" every check evaluation of the study's runs (asset, partition, check, passed)."""
+    evaluations = []
     steps = [(["train_examples", "eval_examples"], list(TASKS)),
              (["teacher_model"], [None]),
              (["teacher_cache"], list(TASKS)),
@@ -19,10 +21,14 @@ def materialize_study(resources: dict, instance: dg.DagsterInstance, log=print) 
         for partition in partitions:
             label = ", ".join(selection) + (f" [{partition}]" if partition else "")
             log(f"materializing {label}")
-            dg.materialize(all_assets, selection=selection, partition_key=partition,
-                           resources=resources, instance=instance)
-    return {key.to_user_string(): _latest_metadata(instance, key)
-            for key in (a.key for a in all_assets) if not _partitioned(key)}
+            result = dg.materialize(all_assets, selection=selection, partition_key=partition,
+                                    resources=resources, instance=instance)
+            evaluations += [{"asset": e.asset_key.to_user_string(), "partition": partition,
+                             "check": e.check_name, "passed": e.passed}
+                            for e in result.get_asset_check_evaluations()]
+    out = {key.to_user_string(): _latest_metadata(instance, key)
+           for key in (a.key for a in all_assets) if not _partitioned(key)}
+    return {**out, "asset_checks": evaluations}
 
 
 def _partitioned(key: dg.AssetKey) -> bool:

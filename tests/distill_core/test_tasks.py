@@ -81,3 +81,28 @@ def test_final_number_reads_gsm8k_conventions():
     assert final_number("so 3 + 4 = 7\n#### 1,234") == "1234"
     assert final_number("#### -5") == "-5"
     assert final_number("no answer here") is None
+
+
+def test_row_problems_name_duplicates_empty_text_and_bad_labels(tiny_data):
+    from distill_core.tasks import row_problems
+
+    good = tiny_data["mmlu"]["train"]
+    assert row_problems(good) == [] and row_problems(tiny_data["gsm8k"]["train"]) == []
+    bad = good.head(4).copy()
+    bad.loc[1, "id"] = bad.loc[0, "id"]
+    bad.loc[2, "answer"] = "  "
+    bad.loc[3, "label"] = 7
+    found = row_problems(bad)
+    assert len(found) == 3
+    assert "1 duplicate ids" in found[0] and "empty answer" in found[1] and "label 7" in found[2]
+
+
+def test_evaluation_table_problems_name_what_is_missing():
+    import pandas as pd
+
+    from distill_core.evaluation import table_problems
+
+    table = pd.DataFrame({"model": ["a", "a", "b"], "task": ["sst2", "mmlu", "sst2"],
+                          "accuracy": [0.5, 1.5, 0.2], "n": [10, 10, 10]})
+    assert table_problems(table, ["a", "b"], ["sst2", "mmlu"]) == [
+        "b x mmlu: not scored", "a x mmlu: accuracy 1.5 on n=10"]

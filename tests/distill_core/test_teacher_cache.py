@@ -12,9 +12,9 @@ from distill_core.alignment import aggregate_attention
 from distill_core.encoding import encode_example
 from distill_core.final_layer_attention import capture_final_attention
 from distill_core.models import load_causal_lm, load_lm_head, load_tokenizer
-from distill_core.teacher_cache import (build_teacher_cache, from_bf16_bytes, query_chunks,
-                                        read_manifest, read_teacher_cache, read_vocabulary_map,
-                                        align_rows, training_contexts)
+from distill_core.teacher_cache import (align_rows, build_teacher_cache, cache_problems,
+                                        from_bf16_bytes, query_chunks, read_manifest,
+                                        read_teacher_cache, read_vocabulary_map, training_contexts)
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,26 @@ def test_budget_refuses_a_cache_too_large_before_building():
     with pytest.raises(ValueError, match="budget_gib=0.1"):
         cache_size.check_budget(est, "teacher_cache[sst2]")
     cache_size.check_budget(cache_size.estimate(shapes, 96, 4, CacheConfig(), "test"), "ok")
+
+
+def test_cache_problems_finds_a_truncated_or_corrupted_cache(built_cache, tiny_teacher_dir, tmp_path):
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    rows, out, manifest = built_cache
+    teacher = load_causal_lm(tiny_teacher_dir).config
+    d, heads = teacher.hidden_size, teacher.num_attention_heads
+    assert cache_problems(out, len(rows), d, heads) == []
+    assert cache_problems(out, len(rows) + 1, d, heads) == [f"{len(rows)} rows for {len(rows) + 1} inputs"]
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shard = broken / manifest["files"][0]
+    table = pq.read_table(shard)
+    nan = bytes(bytearray(b"\xc0\x7f") * (len(table["hidden"][0].as_py()) // 2))  # bf16 NaN
+    hidden = [nan] + table["hidden"].to_pylist()[1:]
+    pq.write_table(table.set_column(table.schema.get_field_index("hidden"), "hidden",
+                                    pa.array(hidden, pa.binary())), shard)
+    found = cache_problems(broken, len(rows), d, heads)
+    assert len(found) == 1 and "non-finite teacher signals" in found[0]
+    assert str(table["id"][0]) in found[0]

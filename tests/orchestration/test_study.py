@@ -44,6 +44,15 @@ def test_every_asset_and_partition_is_materialized_with_its_code_version(study):
     assert cache["trials"] == 4
 
 
+def test_every_asset_check_ran_and_passed(study):
+    ran = {(c["asset"], c["partition"], c["check"]): c["passed"] for c in study["metadata"]["asset_checks"]}
+    expected = {(a, t, "rows_valid") for a in ("train_examples", "eval_examples") for t in TASKS}
+    expected |= {("teacher_cache", t, "cache_valid") for t in TASKS}
+    expected |= {("student_checkpoints", None, "every_trial_finished"),
+                 ("evaluation_table", None, "complete")}
+    assert set(ran) == expected and all(ran.values()), ran
+
+
 def test_mlflow_has_a_parent_run_with_one_child_per_trial(study):
     client = MlflowClient(study["uri"])
     experiment = client.get_experiment_by_name("kdbench-tiny")
