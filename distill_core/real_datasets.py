@@ -239,3 +239,16 @@ def load_hub(task: str, split: str, *, subjects: list[str] | None = None, bad_ro
         records = load_dataset(path, subject or name, split=hub_split, revision=revision)
         out.extend(rows_from_hub_records(task, records, split, bad_rows, subject))
     return _unique_ids(out)
+
+
+def source_files(task: str, data_dir: Path, role: str, subjects: list[str] | None = None) -> list[Path]:
+    """The release files a task's `train` or `eval` rows are read from (eval includes the
+    split its few-shot exemplars come from)."""
+    splits = {"train": ["val" if task == "mmlu" else "train"],
+              "eval": [EVAL_SPLIT[task], FEWSHOT_SPLIT[task]]}[role]
+    root = Path(data_dir)
+    if task == "mmlu":
+        return [root / "mmlu" / s / f"{subject}_{s}.csv" for s in splits
+                for subject in (subjects or mmlu_subjects(root, s))]
+    suffix = ".tsv" if task == "sst2" else ".jsonl"
+    return [root / task / f"{s}{suffix}" for s in splits]

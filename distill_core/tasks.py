@@ -226,6 +226,25 @@ def load_task_splits(task: str, cfg: DataConfig) -> TaskSplits:
     return TaskSplits({k: pd.DataFrame(v, columns=ROW_COLUMNS) for k, v in splits.items()}, skipped)
 
 
+def source_version(task: str, cfg: DataConfig, role: str) -> str:
+    """A hash of what a task's `train` or `eval` rows are made from: the release files' bytes
+    (local), the dataset ids (hub: pin a revision to make them mean something), or this
+    generator's source and the data settings (synthetic)."""
+    import inspect
+    import sys
+
+    digest = hashlib.sha256(f"{task}/{role}/{cfg.model_dump_json()}".encode())
+    if cfg.source == "local":
+        from distill_core import real_datasets as real
+
+        for path in real.source_files(task, Path(cfg.dir), role, cfg.subjects):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes() if path.is_file() else b"<missing>")
+    elif cfg.source == "synthetic":
+        digest.update(inspect.getsource(sys.modules[__name__]).encode())
+    return digest.hexdigest()[:16]
+
+
 def load_task(task: str, cfg: DataConfig) -> dict[str, pd.DataFrame]:
     """The splits of one task from the preset's data source (see load_task_splits)."""
     return load_task_splits(task, cfg).splits

@@ -17,10 +17,26 @@ from distill_core.config import TASKS
 from distill_core.storage import write_parquet_atomic
 from distill_core.training import write_untrained_student
 from orchestration import checks
+from orchestration.sources import eval_files, train_files
 from orchestration.lineage import dir_bytes, file_sha256, upstream
 from orchestration.partitions import task_partitions
 from orchestration.resources import ExperimentResource, MLflowResource, RayResource
 from orchestration.versions import code_version_of
+
+
+# Declarative automation: an asset that exists re-runs when what it reads has changed, once
+# every upstream blocking check has passed; never while it or an upstream is in progress. A
+# request "handles" the change: a failed run is not retried until the inputs change again. A
+# missing asset is never started by automation (a fresh `dagster dev` does not run the study).
+_GUARDS = (~dg.AutomationCondition.missing() & ~dg.AutomationCondition.any_deps_missing()
+           & ~dg.AutomationCondition.any_deps_in_progress() & ~dg.AutomationCondition.in_progress()
+           & dg.AutomationCondition.all_deps_blocking_checks_passed())
+FOLLOW_UPSTREAM = (dg.AutomationCondition.any_deps_updated().since_last_handled() & _GUARDS) \
+    .with_label("inputs changed")
+# The evaluation also re-runs on a new evaluation code version (the report follows it).
+FOLLOW_UPSTREAM_OR_CODE = ((dg.AutomationCondition.any_deps_updated()
+                            | dg.AutomationCondition.code_version_changed()).since_last_handled()
+                           & _GUARDS).with_label("inputs or evaluation code changed")
 
 
 def _key(*parts) -> str:
@@ -63,7 +79,8 @@ def _examples(context, experiment: ExperimentResource, splits: tuple[str, ...]):
 
 
 @dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "real_datasets", "config"),
-          group_name="data", kinds={"parquet"},
+          group_name="data", kinds={"parquet"}, deps=[train_files],
+          automation_condition=FOLLOW_UPSTREAM,
           check_specs=[checks.spec("train_examples", *checks.EXAMPLES)])
 def train_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
     """Unified training rows of one task (id, task, subject, prompt, answer, choices, label)."""
@@ -71,7 +88,8 @@ def train_examples(context: dg.AssetExecutionContext, experiment: ExperimentReso
 
 
 @dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "real_datasets", "config"),
-          group_name="data", kinds={"parquet"},
+          group_name="data", kinds={"parquet"}, deps=[eval_files],
+          automation_condition=FOLLOW_UPSTREAM,
           check_specs=[checks.spec("eval_examples", *checks.EXAMPLES)])
 def eval_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
     """Unified evaluation rows of one task, and the few-shot pool the prompts draw from."""
@@ -79,6 +97,7 @@ def eval_examples(context: dg.AssetExecutionContext, experiment: ExperimentResou
 
 
 @dg.asset(deps=[train_examples], group_name="teacher", kinds={"pytorch", "safetensors"},
+          automation_condition=FOLLOW_UPSTREAM,
           code_version=code_version_of("teacher_training", "tokenizer_training", "models",
                                        "encoding", "teacher_cache"))
 def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResource):
@@ -103,7 +122,7 @@ def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResou
 
 
 @dg.asset(name="teacher_cache", partitions_def=task_partitions, deps=[train_examples, teacher_model],
-          group_name="teacher", kinds={"ray", "parquet"},
+          group_name="teacher", kinds={"ray", "parquet"}, automation_condition=FOLLOW_UPSTREAM,
           code_version=code_version_of("teacher_cache", "final_layer_attention", "encoding", "models",
                                        "alignment", "cross_vocab", "cache_size"),
           check_specs=[checks.spec("teacher_cache", *checks.CACHE)])
@@ -164,6 +183,7 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
 
 
 @dg.asset(deps=[teacher_cache_asset, teacher_model], group_name="students", kinds={"ray", "mlflow"},
+          automation_condition=FOLLOW_UPSTREAM,
           code_version=code_version_of("training", "objective", "losses", "student", "grid",
                                        "final_layer_attention", "tracking", "models", "encoding",
                                        "alignment", "cross_vocab"),
@@ -232,7 +252,7 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
 
 
 @dg.asset(deps=[student_checkpoints, eval_examples, teacher_model], group_name="evaluation",
-          kinds={"ray", "parquet", "mlflow"},
+          kinds={"ray", "parquet", "mlflow"}, automation_condition=FOLLOW_UPSTREAM_OR_CODE,
           code_version=code_version_of("evaluation", "encoding", "models", "tasks"),
           check_specs=[checks.spec("evaluation_table", *checks.EVALUATION)])
 def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentResource,
@@ -290,6 +310,7 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
 
 
 @dg.asset(deps=[evaluation_table], group_name="evaluation", kinds={"pingouin", "mlflow"},
+          automation_condition=FOLLOW_UPSTREAM,
           code_version=code_version_of("statistics"))
 def comparison_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                       mlflow: MLflowResource):

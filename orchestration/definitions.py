@@ -4,10 +4,22 @@ import dagster as dg
 
 from orchestration import assets
 from orchestration.resources import ExperimentResource, MLflowResource, RayResource
+from orchestration.sources import eval_files, train_files
 
 all_assets = [assets.train_examples, assets.eval_examples, assets.teacher_model,
               assets.teacher_cache_asset, assets.student_checkpoints, assets.evaluation_table,
               assets.comparison_report]
+sources = [train_files, eval_files]
+
+# Periodic re-evaluation of every checkpoint (the models do not change: nothing is retrained).
+reevaluate = dg.define_asset_job("reevaluate", selection=["evaluation_table", "comparison_report"])
+weekly_reevaluation = dg.ScheduleDefinition(name="weekly_reevaluation", job=reevaluate,
+                                            cron_schedule="0 3 * * 1",
+                                            default_status=dg.DefaultScheduleStatus.STOPPED)
+# Evaluates the assets' automation conditions once a minute; on by default in `dagster dev`.
+automation = dg.AutomationConditionSensorDefinition(
+    "kdbench_automation", target=dg.AssetSelection.all(include_sources=True),
+    minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 
 
 def resources(preset: str = "tiny", overrides_json: str = "{}", artifacts_dir: str = "artifacts",
@@ -20,6 +32,7 @@ def resources(preset: str = "tiny", overrides_json: str = "{}", artifacts_dir: s
 
 
 defs = dg.Definitions(
-    assets=all_assets,
+    assets=[*sources, *all_assets], jobs=[reevaluate], schedules=[weekly_reevaluation],
+    sensors=[automation],
     resources=resources(preset=dg.EnvVar("KDBENCH_PRESET").get_value("tiny")),
 )

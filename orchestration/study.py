@@ -6,7 +6,7 @@ from __future__ import annotations
 import dagster as dg
 
 from distill_core.config import TASKS
-from orchestration.definitions import all_assets
+from orchestration.definitions import all_assets, sources
 
 
 def materialize_study(resources: dict, instance: dg.DagsterInstance, log=print) -> dict[str, dict]:
@@ -21,7 +21,7 @@ def materialize_study(resources: dict, instance: dg.DagsterInstance, log=print) 
         for partition in partitions:
             label = ", ".join(selection) + (f" [{partition}]" if partition else "")
             log(f"materializing {label}")
-            result = dg.materialize(all_assets, selection=selection, partition_key=partition,
+            result = dg.materialize([*sources, *all_assets], selection=selection, partition_key=partition,
                                     resources=resources, instance=instance)
             evaluations += [{"asset": e.asset_key.to_user_string(), "partition": partition,
                              "check": e.check_name, "passed": e.passed}

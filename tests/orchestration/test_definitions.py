@@ -1,4 +1,5 @@
-"""The code location loads, with the seven assets, their partitions and code versions."""
+"""The code location loads, with the seven assets and the two observed data sources, their
+partitions and code versions."""
 
 import dagster as dg
 
@@ -8,17 +9,21 @@ ASSETS = {"train_examples", "eval_examples", "teacher_model", "teacher_cache",
           "student_checkpoints", "evaluation_table", "comparison_report"}
 
 
+SOURCES = {"train_files", "eval_files"}
+
+
 def test_definitions_load_with_the_seven_assets():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == ASSETS
+    assert keys == ASSETS | SOURCES
+    assert {k.to_user_string() for k in graph.observable_asset_keys} == SOURCES
 
 
 def test_partitions_and_lineage():
     graph = defs.resolve_asset_graph()
     partitioned = {k.to_user_string() for k in graph.get_all_asset_keys()
                    if graph.get(k).partitions_def is not None}
-    assert partitioned == {"train_examples", "eval_examples", "teacher_cache"}
+    assert partitioned == {"train_examples", "eval_examples", "teacher_cache"} | SOURCES
     assert graph.get(dg.AssetKey("teacher_cache")).partitions_def.get_partition_keys() == \
         ["sst2", "mmlu", "gsm8k"]
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("evaluation_table")).parent_keys}
@@ -31,7 +36,8 @@ def test_every_asset_has_a_code_version_from_its_distill_core_source(monkeypatch
     from orchestration import versions
 
     graph = defs.resolve_asset_graph()
-    by_asset = {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()}
+    by_asset = {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()
+                if k.to_user_string() in ASSETS}
     assert all(by_asset.values()) and len(set(by_asset.values())) == 6  # the two example assets share
     assert by_asset["comparison_report"] == versions.code_version_of("statistics")
     report_before, tasks_before = versions.code_version_of("statistics"), versions.code_version_of("tasks")
