@@ -2,6 +2,7 @@
 with a local Ray and MLflow on a temporary sqlite file; the outputs are checked, not just run."""
 
 import json
+import os
 
 import dagster as dg
 import pandas as pd
@@ -22,15 +23,27 @@ OVERRIDES = {
 }
 
 
+SECRET = "hf_kdbench_test_secret_value"
+
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, ray_local):
+    # A token in the environment, as a user with hub access has one: it must appear nowhere.
+    saved = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = SECRET
     root = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{root}/mlflow.db"
     res = resources(overrides_json=json.dumps(OVERRIDES), artifacts_dir=str(root / "artifacts"),
                     tracking_uri=uri, artifact_root=str(root / "mlruns"))
-    with dg.instance_for_test() as instance:
-        metadata = materialize_study(res, instance, log=lambda _: None)
-        yield {"root": root, "uri": uri, "metadata": metadata, "instance": instance}
+    try:
+        with dg.instance_for_test() as instance:
+            metadata = materialize_study(res, instance, log=lambda _: None)
+            yield {"root": root, "uri": uri, "metadata": metadata, "instance": instance}
+    finally:
+        if saved is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = saved
 
 
 def test_every_asset_and_partition_is_materialized_with_its_code_version(study):
@@ -42,6 +55,17 @@ def test_every_asset_and_partition_is_materialized_with_its_code_version(study):
         assert record.asset_materialization.tags["dagster/code_version"], name
     cache = study["metadata"]["student_checkpoints"]
     assert cache["trials"] == 4
+
+
+def test_secrets_in_the_environment_reach_neither_mlflow_nor_dagster(study):
+    client = MlflowClient(study["uri"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert runs
+    for run in runs:
+        assert SECRET not in json.dumps([run.data.params, run.data.tags], default=str)
+    assert SECRET not in json.dumps(study["metadata"], default=str)
+    for path in study["root"].rglob("*.json"):  # kdbench.json, manifests, trial configs
+        assert SECRET not in path.read_text(errors="ignore"), path
 
 
 def test_every_asset_check_ran_and_passed(study):
