@@ -42,8 +42,8 @@ def main() -> None:
     tasks = {}
     for task in ("sst2", "mmlu", "gsm8k"):
         rows = real.load_local(task, data, real.EVAL_SPLIT[task], subjects=subjects).rows[:args.limit]
-        pool = real.load_local(task, data, real.FEWSHOT_SPLIT[task], subjects=subjects).rows
-        pool = pool if task == "mmlu" else pool[:5]
+        pool = real.fewshot_pool(task, real.load_local(task, data, real.FEWSHOT_SPLIT[task],
+                                                       subjects=subjects).rows)
         shots = 5 if task == "mmlu" else 0  # GSM8K zero-shot: generation cost, not context
         tasks[task] = (rows, [render_prompt(r, select_shots(r, pool, shots)) for r in rows])
     texts = [c + (r["answer"] or "") for rows, contexts in tasks.values() for r, c in zip(rows, contexts)]

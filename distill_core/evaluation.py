@@ -30,8 +30,10 @@ def _score_rows(model, ids_list, mask_list, pad_id) -> list[float]:
 
 @torch.inference_mode()
 def choice_loglikelihoods(model, tokenizer, contexts: list[str], choices: list[list[str]],
-                          batch_size: int, max_length: int, row_ids=None) -> list[list[float]]:
-    """log p(choice | context) for every choice of every context (sum over its tokens)."""
+                          batch_size: int, max_length: int, row_ids=None,
+                          truncated: set | None = None) -> list[list[float]]:
+    """log p(choice | context) for every choice of every context (sum over its tokens).
+    `truncated`, if given, receives the indices of the contexts cut to fit max_length."""
     flat = [(i, c, x) for i, (c, xs) in enumerate(zip(contexts, choices)) for x in xs]
     names = [row_ids[i] if row_ids is not None else str(i) for i, _, _ in flat]
     encoded = encode_examples(tokenizer, [c for _, c, _ in flat], [x for _, _, x in flat],
@@ -39,6 +41,8 @@ def choice_loglikelihoods(model, tokenizer, contexts: list[str], choices: list[l
     # EOS is the encoder's end marker, not part of the option being scored. Longer than the
     # model: the context is cut from the left, as the harness does (the option is kept).
     seqs = [(e.input_ids[:-1][-max_length:], e.answer_mask[:-1][-max_length:]) for e in encoded]
+    if truncated is not None:
+        truncated.update(i for (i, _, _), e in zip(flat, encoded) if len(e.input_ids) - 1 > max_length)
     for (_, _, x), (_, mask), name in zip(flat, seqs, names):
         if x and not any(mask):
             raise ValueError(f"row {name}: the option {x!r} alone exceeds max_length={max_length}")
@@ -87,7 +91,10 @@ def naive_choice_loglikelihoods(model, tokenizer, contexts, choices, max_length)
 
 @torch.inference_mode()
 def greedy_generate(model, tokenizer, contexts: list[str], max_new_tokens: int,
-                    batch_size: int, max_length: int | None = None) -> list[str]:
+                    batch_size: int, max_length: int | None = None,
+                    truncated: set | None = None) -> list[str]:
+    """Greedy continuations until the stop strings; `truncated`, if given, receives the
+    indices of the contexts cut to leave max_new_tokens of room in max_length."""
     texts: list[str] = []
     for start in range(0, len(contexts), batch_size):
         chunk = contexts[start:start + batch_size]
@@ -97,7 +104,10 @@ def greedy_generate(model, tokenizer, contexts: list[str], max_new_tokens: int,
             if max_new_tokens >= max_length:
                 raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt "
                                  f"in max_length={max_length}")
-            encoded = [e[-(max_length - max_new_tokens):] for e in encoded]
+            room = max_length - max_new_tokens
+            if truncated is not None:
+                truncated.update(start + k for k, e in enumerate(encoded) if len(e) > room)
+            encoded = [e[-room:] for e in encoded]
         width = max(len(e) for e in encoded)
         # Left padding keeps every prompt's last token at the same position for generation.
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(e)) + e for e in encoded])
@@ -114,12 +124,6 @@ def greedy_generate(model, tokenizer, contexts: list[str], max_new_tokens: int,
     return texts
 
 
-def _truncated(tokenizer, contexts: list[str], room: int) -> int:
-    """How many contexts were cut from the left to fit the model (reported, never silent)."""
-    lengths = [len(ids) + 1 for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
-    return sum(n > room for n in lengths)
-
-
 def evaluate_task(model, tokenizer, rows: list[dict], pool: list[dict], shots: int, *,
                   batch_size: int, max_length: int, max_new_tokens: int,
                   predictions: bool = False) -> dict:
@@ -127,9 +131,10 @@ def evaluate_task(model, tokenizer, rows: list[dict], pool: list[dict], shots: i
     strict-match (= accuracy) and flexible-extract. Each row's k shots come from `pool`
     (tasks.select_shots). With `predictions`, one record per example as well."""
     contexts = [render_prompt(r, select_shots(r, pool, shots)) for r in rows]
-    records = []
+    records, truncated = [], set()  # contexts cut from the left: reported, never silent
     if rows[0]["choices"] is None:
-        outputs = greedy_generate(model, tokenizer, contexts, max_new_tokens, batch_size, max_length)
+        outputs = greedy_generate(model, tokenizer, contexts, max_new_tokens, batch_size, max_length,
+                                  truncated)
         for r, o in zip(rows, outputs):
             reference = gsm8k_normalize(r["answer"])
             strict, flexible = gsm8k_strict(o), gsm8k_flexible(o)
@@ -139,13 +144,13 @@ def evaluate_task(model, tokenizer, rows: list[dict], pool: list[dict], shots: i
                             "flexible_correct": gsm8k_normalize(flexible) == reference})
     else:
         scores = choice_loglikelihoods(model, tokenizer, contexts, [list(r["choices"]) for r in rows],
-                                       batch_size, max_length, [r["id"] for r in rows])
+                                       batch_size, max_length, [r["id"] for r in rows], truncated)
         for r, s in zip(rows, scores):
             best = max(range(len(s)), key=s.__getitem__)
             records.append({"id": r["id"], "subject": r["subject"], "scores": s, "predicted": best,
                             "label": int(r["label"]), "correct": best == int(r["label"])})
     out = {"n": len(records), "accuracy": sum(x["correct"] for x in records) / len(records),
-           "truncated": _truncated(tokenizer, contexts, max_length - (max_new_tokens if rows[0]["choices"] is None else 2))}
+           "truncated": len(truncated)}
     if "flexible_correct" in records[0]:
         out["strict_match"] = out["accuracy"]
         out["flexible_match"] = sum(x["flexible_correct"] for x in records) / len(records)

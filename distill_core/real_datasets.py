@@ -59,6 +59,12 @@ class Loaded:
         self.skipped += other.skipped
 
 
+def fewshot_pool(task: str, rows: list[dict], size: int = 5) -> list[dict]:
+    """The exemplars shots are drawn from, out of FEWSHOT_SPLIT's rows: MMLU's whole dev split
+    (5 a subject); for the others the first `size` rows of train (then not trained on)."""
+    return rows if task == "mmlu" else rows[:size]
+
+
 def mmlu_description(subject: str) -> str:
     return f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
 

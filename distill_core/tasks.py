@@ -211,9 +211,7 @@ def load_task_splits(task: str, cfg: DataConfig) -> TaskSplits:
 
     train_split = "val" if task == "mmlu" else "train"  # MMLU has no train split: its val
     loaded = {s: load(s) for s in {train_split, real.EVAL_SPLIT[task], real.FEWSHOT_SPLIT[task]}}
-    pool = loaded[real.FEWSHOT_SPLIT[task]].rows
-    if task != "mmlu":  # the first rows of train, as exemplars; then not trained on
-        pool = pool[:cfg.fewshot_pool_size]
+    pool = real.fewshot_pool(task, loaded[real.FEWSHOT_SPLIT[task]].rows, cfg.fewshot_pool_size)
     pool_ids = {r["id"] for r in pool}
     splits = {"fewshot": pool}
     for split, source, n in (("train", train_split, cfg.train_size[task]),

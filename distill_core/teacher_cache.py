@@ -300,11 +300,14 @@ def read_teacher_cache(cache_dir: Path) -> pd.DataFrame:
 def cache_problems(cache_dir: Path, expected_rows: int, d_teacher: int, heads: int,
                    sample_rows: int = 512) -> list[str]:
     """What is wrong with a complete cache (empty when nothing): its schema, its row count
-    against its input, every row's alignment covering both token sequences with signal sizes
-    that match, and finite signals on the first `sample_rows` rows of each shard (the actors
-    refuse non-finite teacher outputs; this re-reads what was written)."""
+    against its input, every row's alignment covering both token sequences, and on the first
+    `sample_rows` rows of each shard signal sizes that match the chunks and finite signals
+    (the actors refuse non-finite teacher outputs; this re-reads what was written). Only the
+    small columns are read whole: the signals are nearly all of a cache's bytes."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
+    structure = ["id", "n_tokens", "teacher_n_tokens", "student_chunk_ends", "teacher_chunk_ends",
+                 "attn_queries"]
     problems = []
     rows = 0
     for name in manifest["files"]:
@@ -313,18 +316,23 @@ def cache_problems(cache_dir: Path, expected_rows: int, d_teacher: int, heads: i
             problems.append(f"{name}: schema {file.schema_arrow} is not CACHE_SCHEMA")
             continue
         rows += file.metadata.num_rows
-        table = file.read().to_pydict()
+        table = file.read(columns=structure).to_pydict()
+        sample = next(file.iter_batches(batch_size=sample_rows, columns=["hidden", "attention"]),
+                      None)
+        sample = sample.to_pydict() if sample is not None else {"hidden": [], "attention": []}
         for i, rid in enumerate(table["id"]):
             s_ends, t_ends = table["student_chunk_ends"][i], table["teacher_chunk_ends"][i]
             c, q = len(s_ends), len(table["attn_queries"][i])
             if len(t_ends) != c or s_ends[-1] != table["n_tokens"][i] - 1 \
                     or t_ends[-1] != table["teacher_n_tokens"][i] - 1:
                 problems.append(f"{name} row {rid}: chunks do not cover both token sequences")
-            elif len(table["hidden"][i]) != 2 * c * d_teacher or len(table["attention"][i]) != 2 * heads * q * c:
-                problems.append(f"{name} row {rid}: signal sizes do not match {c} chunks")
-            elif i < sample_rows and not (bool(torch.isfinite(bf16_tensor(table["hidden"][i])).all())
-                                          and bool(torch.isfinite(bf16_tensor(table["attention"][i])).all())):
-                problems.append(f"{name} row {rid}: non-finite teacher signals")
+            elif i < len(sample["hidden"]):
+                hidden, attention = sample["hidden"][i], sample["attention"][i]
+                if len(hidden) != 2 * c * d_teacher or len(attention) != 2 * heads * q * c:
+                    problems.append(f"{name} row {rid}: signal sizes do not match {c} chunks")
+                elif not (bool(torch.isfinite(bf16_tensor(hidden)).all())
+                          and bool(torch.isfinite(bf16_tensor(attention)).all())):
+                    problems.append(f"{name} row {rid}: non-finite teacher signals")
             if len(problems) >= 20:
                 return problems + ["(stopped after 20)"]
     if rows != expected_rows:

@@ -90,7 +90,8 @@ def evaluate(args: argparse.Namespace) -> int:
     subjects = [s for s in args.subjects.split(",") if s] if args.subjects else None
     try:
         rows = real.load_local(args.task, data_dir, real.EVAL_SPLIT[args.task], subjects=subjects).rows
-        pool = real.load_local(args.task, data_dir, real.FEWSHOT_SPLIT[args.task], subjects=subjects).rows
+        pool = real.fewshot_pool(args.task, real.load_local(
+            args.task, data_dir, real.FEWSHOT_SPLIT[args.task], subjects=subjects).rows)
     except (FileNotFoundError, ValueError) as err:
         print(f"--data-dir {data_dir}: {err}", file=sys.stderr)
         return 2
@@ -102,7 +103,7 @@ def evaluate(args: argparse.Namespace) -> int:
     model, tokenizer = load_causal_lm(checkpoint), load_tokenizer(checkpoint)
     started = time.perf_counter()
     try:
-        result = evaluate_task(model, tokenizer, rows, pool[:5] if args.task != "mmlu" else pool, shots,
+        result = evaluate_task(model, tokenizer, rows, pool, shots,
                                batch_size=args.batch_size, max_length=model.config.max_position_embeddings,
                                max_new_tokens=args.max_new_tokens, predictions=bool(args.predictions))
     except ValueError as err:
