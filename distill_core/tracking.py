@@ -22,24 +22,42 @@ def _retry(fn, *args, attempts: int = 5, **kwargs):
 
 
 class TrialRun:
+    """A trial's child run. A trial that Tune restarts after its process died continues the
+    same run: `start` finds it by its parent and tags, and steps already logged are not logged
+    again (the restarted trial recomputes them identically from its seed and checkpoint)."""
+
+    # Every report logs it, so its history says how far the run got.
+    PROGRESS_METRIC = "loss"
+
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
+        history = _retry(self.client.get_metric_history, run_id, self.PROGRESS_METRIC)
+        self.last_logged_step = max((m.step for m in history), default=0)
 
     @classmethod
     def start(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, name: str,
               params: dict, tags: dict) -> "TrialRun":
         client = MlflowClient(tracking_uri)
-        run = _retry(client.create_run, experiment_id, run_name=name,
-                     tags={"mlflow.parentRunId": parent_run_id, **tags})
-        _retry(client.log_batch, run.info.run_id,
-               params=[Param(k, str(v)) for k, v in params.items()])
-        return cls(tracking_uri, run.info.run_id)
+        query = " and ".join(f"tags.`{k}` = '{v}'"
+                             for k, v in {"mlflow.parentRunId": parent_run_id, **tags}.items())
+        found = _retry(client.search_runs, [experiment_id], query, max_results=1)
+        if found:
+            run_id = found[0].info.run_id
+            _retry(client.update_run, run_id, status="RUNNING")
+        else:
+            run_id = _retry(client.create_run, experiment_id, run_name=name,
+                            tags={"mlflow.parentRunId": parent_run_id, **tags}).info.run_id
+            _retry(client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        return cls(tracking_uri, run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.last_logged_step:
+            return
         now = int(time.time() * 1000)
         _retry(self.client.log_batch, self.run_id,
                metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        self.last_logged_step = step
 
     def log_artifacts(self, local_dir: str, artifact_path: str) -> None:
         _retry(self.client.log_artifacts, self.run_id, local_dir, artifact_path)

@@ -3,6 +3,11 @@ with a local Ray and MLflow on a temporary sqlite file; the outputs are checked,
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import dagster as dg
 import pandas as pd
@@ -11,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
 from distill_core.config import TASKS
-from orchestration.definitions import resources
+from orchestration.definitions import all_assets, resources, sources
 from orchestration.study import materialize_study
 
 OVERRIDES = {
@@ -36,7 +41,7 @@ def study(tmp_path_factory, ray_local):
     res = resources(overrides_json=json.dumps(OVERRIDES), artifacts_dir=str(root / "artifacts"),
                     tracking_uri=uri, artifact_root=str(root / "mlruns"))
     try:
-        with dg.instance_for_test() as instance:
+        with dg.instance_for_test() as instance:  # sets DAGSTER_HOME: other processes can open it
             metadata = materialize_study(res, instance, log=lambda _: None)
             yield {"root": root, "uri": uri, "metadata": metadata, "instance": instance}
     finally:
@@ -127,3 +132,105 @@ def test_report_statistics_agree_with_the_table(study):
     assert all(f"## {t}" in text for t in TASKS)
     assert len(report["verdicts"]) == 3
     assert (out_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# Materializes student_checkpoints alone, in a process of its own (as a Dagster run worker
+# does), against the study's instance and the test's Ray cluster.
+GRID_RUN = """
+import json, sys
+import dagster as dg
+from orchestration.definitions import all_assets, resources, sources
+with dg.DagsterInstance.get() as instance:
+    dg.materialize([*sources, *all_assets], selection=["student_checkpoints"],
+                   resources=resources(**json.loads(sys.argv[1])), instance=instance)
+"""
+
+
+def _trial_states(experiment_dir: Path) -> dict[tuple[str, int], str]:
+    """(group, seed) -> Tune status, from the newest experiment state Tune has saved."""
+    for state in sorted(experiment_dir.glob("experiment_state-*.json"), reverse=True):
+        try:
+            trials = json.loads(state.read_text())["trial_data"]
+        except (ValueError, KeyError):  # being written
+            continue
+        states = {}
+        for trial_json, _ in trials:
+            trial = json.loads(trial_json)
+            params = trial["evaluated_params"]
+            states[(params["group"], int(params["seed"]))] = trial["status"]
+        return states
+    return {}
+
+
+def test_a_grid_whose_run_was_killed_resumes_when_materialized_again(study, ray_local):
+    """The process running the grid dies (SIGKILL, once a trial has finished): materializing
+    student_checkpoints again resumes the Tune run. Finished trials are not trained again,
+    every trial keeps one MLflow child run, and no step is logged twice."""
+    root = study["root"]
+    # Another grid over the study's caches: longer trials, so the kill lands mid-grid.
+    overrides = {**OVERRIDES, "distill.steps": 80, "distill.report_every": 10,
+                 "distill.checkpoint_every": 20}
+    settings = dict(overrides_json=json.dumps(overrides), artifacts_dir=str(root / "artifacts"),
+                    tracking_uri=study["uri"], artifact_root=str(root / "mlruns"),
+                    ray_address=ray_local.get_runtime_context().gcs_address)
+    tune_dir = root / "ray_results"
+    earlier = set(tune_dir.iterdir())
+    # Tune saves its experiment state every second here (default: adaptive, >= 10 s).
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    driver = subprocess.Popen([sys.executable, "-c", GRID_RUN, json.dumps(settings)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, states, experiment_dir = time.monotonic() + 400, {}, None
+        while time.monotonic() < deadline:
+            assert driver.poll() is None, f"the grid's process ended by itself: {driver.stderr.read()}"
+            new = set(tune_dir.iterdir()) - earlier if tune_dir.exists() else set()
+            if new:
+                (experiment_dir,) = new
+                states = _trial_states(experiment_dir)
+                if "TERMINATED" in states.values():
+                    break
+            time.sleep(0.2)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(30)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+        driver.stderr.close()
+    finished = {key for key, status in states.items() if status == "TERMINATED"}
+    assert finished and len(finished) < len(states) == 4, states
+
+    grid_key = experiment_dir.name.removeprefix("tiny-")
+    out_dir = root / "artifacts" / "tiny" / "students" / grid_key
+    before = {key: _written(out_dir / f"{key[0]}-seed{key[1]}") for key in finished}
+
+    res = resources(**settings)
+    result = dg.materialize([*sources, *all_assets], selection=["student_checkpoints"],
+                            resources=res, instance=study["instance"])
+    assert result.success
+    metadata = result.asset_materializations_for_node("student_checkpoints")[0].metadata
+    assert metadata["grid_key"].value == grid_key and metadata["trials"].value == 4
+    assert set(tune_dir.iterdir()) - earlier == {experiment_dir}  # the same Tune run, restored
+    for key, written in before.items():  # not trained again: the same files, untouched
+        assert _written(out_dir / f"{key[0]}-seed{key[1]}") == written, key
+    trials = pd.read_parquet(out_dir / "trials.parquet")
+    assert trials["finished"].all() and len(trials) == 4
+
+    client = MlflowClient(study["uri"])
+    parent_id = metadata["mlflow_parent_run_id"].value
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent_id}'")
+    assert sorted((c.data.tags["group"], c.data.tags["seed"]) for c in children) == \
+        sorted((g, str(s)) for g, s in states)  # one child run a trial, none left over
+    for child in children:
+        assert child.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "loss")]
+        assert sorted(steps) == list(range(10, 81, 10)), (child.data.tags, steps)
+    for key in finished:
+        meta = json.loads((out_dir / f"{key[0]}-seed{key[1]}" / "kdbench.json").read_text())
+        assert meta["mlflow_run_id"] in {c.info.run_id for c in children}
+
+
+def _written(checkpoint: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in checkpoint.iterdir()}
