@@ -6,6 +6,8 @@
 # wheel) and its constraints are handed over explicitly. --compile-bytecode as pip does: with
 # PYTHONDONTWRITEBYTECODE set (as here) a venv without .pyc files recompiles torch and
 # transformers in every process, 20-25 s an import instead of ~9 (every Ray worker pays it).
+# Chromium and its driver, for the browser test of the UIs, come from the distribution's
+# packages (apt, ~25 s) where this user may install them; the test is skipped without them.
 set -euo pipefail
 python=${PYTHON:-python3}
 venv=${VENV:-.venv}
@@ -27,4 +29,17 @@ if "${pip[@]}" install --quiet --disable-pip-version-check uv \
 else
   echo "uv install failed; installing with pip (slower)" >&2
   "${pip[@]}" install --quiet --disable-pip-version-check -e '.[dev]'
+fi
+
+if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+  as_root=()
+  if [ "$(id -u)" != 0 ]; then sudo -n true 2>/dev/null && as_root=(sudo -n) || as_root=(false); fi
+  apt_get() { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq "$@" >/dev/null; }
+  install_chromium() { apt_get install -y --no-install-recommends chromium chromium-driver; }
+  # Stale or missing package lists: update once, then try again.
+  if install_chromium || { apt_get update && install_chromium; }; then
+    echo "installed Chromium and chromedriver (apt) for the browser test"
+  else
+    echo "Chromium not installed (needs root or sudo, and apt); the browser test will be skipped" >&2
+  fi
 fi

@@ -11,8 +11,10 @@ mkdir -p "$DAGSTER_HOME"
 # it a process group of its own (its code servers included) that stop() can end as a whole.
 (trap - INT; exec setsid dagster dev -w workspace.yaml -h "$HOST" -p "$DAGSTER_PORT") &
 DAGSTER_PID=$!
-# One worker keeps MLflow light; the sqlite store is the one the demo and trials write.
-mlflow server --backend-store-uri "sqlite:///$PWD/mlflow.db" --default-artifact-root "$PWD/mlruns" \
+# One worker keeps MLflow light. The store is the one the demo and trials write, unless
+# MLflow's own variables name another.
+mlflow server --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///$PWD/mlflow.db}" \
+  --default-artifact-root "${MLFLOW_DEFAULT_ARTIFACT_ROOT:-$PWD/mlruns}" \
   --host "$HOST" --port "$MLFLOW_PORT" --workers 1 &
 MLFLOW_PID=$!
 

@@ -1,20 +1,17 @@
 """Safe defaults: weights are safetensors only (a pickle checkpoint is refused, never
-unpickled), a checkpoint's remote code is never run, and the UIs bind to 127.0.0.1 unless
-told otherwise. (Secrets stay out of MLflow and Dagster: tests/orchestration/test_study.py.)"""
+unpickled) and a checkpoint's remote code is never run. (Secrets stay out of MLflow and
+Dagster: tests/orchestration/test_study.py; the UIs bind to 127.0.0.1:
+tests/orchestration/test_ui.py.)"""
 
 from __future__ import annotations
 
 import json
-import re
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from distill_core.models import load_causal_lm
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -44,10 +41,3 @@ def test_a_checkpoints_remote_code_is_never_run(tmp_path):
     except ValueError as err:  # transformers may refuse outright: also safe
         assert "trust_remote_code" in str(err)
     assert not marker.exists()
-
-
-def test_the_uis_bind_to_localhost_by_default_and_mlflow_stays_light():
-    script = (ROOT / "scripts" / "ui.sh").read_text()
-    assert re.search(r"^HOST=\$\{KDBENCH_UI_HOST:-127\.0\.0\.1\}$", script, re.M)
-    assert 'dagster dev -w workspace.yaml -h "$HOST"' in script
-    assert '--host "$HOST"' in script and "--workers 1" in script
