@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 import dagster as dg
@@ -32,10 +33,12 @@ class ExperimentResource(dg.ConfigurableResource):
 
 
 class RayResource(dg.ConfigurableResource):
-    """A local Ray (the machine's CPUs) unless `address` names a cluster."""
+    """A local Ray (the machine's CPUs) unless `address` names a cluster: its GCS as
+    `host:port`, `ray://host:port` for Ray Client, or `auto`."""
 
     address: str = ""
     num_cpus: int | None = None
+    connect_timeout_s: float = 10.0
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         import ray
@@ -43,12 +46,29 @@ class RayResource(dg.ConfigurableResource):
         # Without this, Ray 2.5x writes an auth token under the home directory.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if self.address:
+            require_reachable(self.address, self.connect_timeout_s)
         if ray.is_initialized():
             return
         if self.address:
             ray.init(address=self.address, log_to_driver=False)
         else:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def require_reachable(address: str, timeout_s: float) -> None:
+    """ray.init retries an address nobody answers at for minutes, logging warnings; this says
+    at once which address it is."""
+    if address in ("auto", "local"):
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"RayResource.address {address!r} is not host:port, ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise ConnectionError(f"the Ray cluster at {address} is not reachable ({err}); check "
+                              "RayResource.address (RAY_ADDRESS)") from err
 
 
 class MLflowResource(dg.ConfigurableResource):

@@ -181,6 +181,25 @@ def test_an_unreachable_mlflow_server_is_named(monkeypatch):
         resource.experiment_id("kdbench-tiny")
 
 
+def test_an_unreachable_ray_address_is_named_at_once(monkeypatch):
+    import socket
+
+    import dagster as dg
+
+    from orchestration.definitions import resources
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # Ray's own variable, as users set it
+    ray_cluster = resources()["ray_cluster"]
+    with pytest.raises(ConnectionError, match=rf"Ray cluster at 127.0.0.1:{port} is not reachable"):
+        ray_cluster.setup_for_execution(dg.build_init_resource_context())
+    with pytest.raises(ValueError, match=r"RayResource.address 'head-node' is not host:port"):
+        resources(ray_address="head-node")["ray_cluster"].setup_for_execution(
+            dg.build_init_resource_context())
+
+
 def test_kdbench_eval_refuses_a_limit_below_one(tiny_teacher_dir, shared_data, capsys):
     from orchestration.cli import main
 

@@ -97,3 +97,33 @@ def test_seed_fixes_init_and_data_order(tiny_config, tiny_teacher_dir):
     assert sorted(i for b in epoch for i in b) == list(range(40))  # every row once an epoch
     assert all(len({tasks[i] for i in b}) == 1 for b in epoch)     # one task a batch
     assert [one.batch(s) for s in range(6, 12)] != epoch            # a new order next epoch
+
+
+def test_a_nan_loss_fails_its_trial_naming_it_and_writes_no_checkpoint(
+        tmp_path, tiny_config, caches, tiny_teacher_dir):
+    """A cache whose hidden states are NaN (written around the cache_valid check): the trial
+    stops at its first step with an error that names it, and leaves no student behind."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    corrupted = []
+    for cache in caches:
+        copy = tmp_path / "caches" / os.path.basename(cache)
+        shutil.copytree(cache, copy)
+        for name in json.loads((copy / "manifest.json").read_text())["files"]:
+            shard = copy / name
+            table = pq.read_table(shard)
+            nan = [bytes(bytearray(b"\xc0\x7f") * (len(h) // 2)) for h in table["hidden"].to_pylist()]
+            pq.write_table(table.set_column(table.schema.get_field_index("hidden"), "hidden",
+                                            pa.array(nan, pa.binary())), shard)
+        corrupted.append(str(copy))
+    cfg = tiny_config.model_copy(update={"distill": tiny_config.distill.model_copy(
+        update={"groups": ["black_box"], "seeds": 1})})
+    results = run_grid(cfg, tmp_path / "ray", "nan", _space(cfg, corrupted, tiny_teacher_dir,
+                                                             tmp_path / "out"), max_failures=0)
+    (error,) = results.errors
+    assert "trial black_box-seed0: loss is nan at step 0" in str(error)
+    assert "check the teacher cache" in str(error)
+    assert not (tmp_path / "out" / "black_box-seed0").exists()
