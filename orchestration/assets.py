@@ -335,4 +335,5 @@ def comparison_report(context: dg.AssetExecutionContext, experiment: ExperimentR
                   "report": dg.MetadataValue.md(report["markdown"]),
                   "verdicts": dg.MetadataValue.json(report["verdicts"]),
                   "mlflow_parent_run": dg.MetadataValue.url(
-                      mlflow.run_url(evaluated["mlflow_experiment_id"], parent))})
+                      mlflow.run_url(evaluated["mlflow_experiment_id"], parent))},
+        data_version=dg.DataVersion(file_sha256(report["paths"]["report"])[:16]))
