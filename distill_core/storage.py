@@ -1,20 +1,58 @@
-"""Writes that are whole or absent: a reader never sees a half-written file or directory."""
+"""Writes that are whole or absent: a reader never sees a half-written file or directory.
+
+A write goes to a hidden sibling named after its target, this host and this process
+(`.<name>.tmp-<host>-<pid>-...`) and is renamed into place when complete. A writer killed
+half-way (SIGKILL, an OOM kill, a lost machine) leaves that sibling behind, never the target;
+the next write of the same target on the same host removes the siblings of writers that are
+no longer alive (a half-written teacher cache can be tens of GiB)."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import socket
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
 
+_KINDS = ("tmp", "old")
+
+
+def _sibling_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def clear_dead_writers(path: Path) -> list[Path]:
+    """Removes what writers of `path` on this host left behind when they died; returns it."""
+    path = Path(path)
+    removed = []
+    for kind in _KINDS:
+        prefix = f".{path.name}.{kind}-{socket.gethostname()}-"
+        for left in path.parent.glob(f"{prefix}*"):
+            pid = left.name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(left) if left.is_dir() else left.unlink()
+                removed.append(left)
+    return removed
+
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    clear_dead_writers(path)
+    tmp = path.with_name(_sibling_prefix(path, "tmp") + "parquet")
     try:
         frame.to_parquet(tmp, index=False)
         os.replace(tmp, path)
@@ -28,12 +66,13 @@ def atomic_directory(path: Path):
     """Yields a temporary sibling directory; on success it replaces `path` whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    clear_dead_writers(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "tmp"), dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
+            old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "old"), dir=path.parent))
+            os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
