@@ -21,10 +21,29 @@ def _retry(fn, *args, attempts: int = 5, **kwargs):
             time.sleep(0.2 * (attempt + 1))
 
 
+def find_or_create_run(client: MlflowClient, experiment_id: str, name: str, tags: dict,
+                       params: dict, reuse_finished: bool) -> str:
+    """The run carrying all of `tags`, marked RUNNING again, or a new one with `params`.
+    `reuse_finished=False` reopens only a run that never finished (its process died)."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+    found = [r for r in _retry(client.search_runs, [experiment_id], query)
+             if reuse_finished or r.info.status != "FINISHED"]
+    if found:
+        run = found[0]
+        _retry(client.update_run, run.info.run_id, status="RUNNING")
+    else:
+        run = _retry(client.create_run, experiment_id, run_name=name, tags=tags)
+    if not run.data.params:  # new, or its creator died before logging them
+        _retry(client.log_batch, run.info.run_id,
+               params=[Param(k, str(v)) for k, v in params.items()])
+    return run.info.run_id
+
+
 class TrialRun:
     """A trial's child run. A trial that Tune restarts after its process died continues the
-    same run: `start` finds it by its parent and tags, and steps already logged are not logged
-    again (the restarted trial recomputes them identically from its seed and checkpoint)."""
+    same run: `start` finds its unfinished run by parent and tags, and steps already logged are
+    not logged again (the restarted trial recomputes them from its seed and checkpoint:
+    identical on CPU)."""
 
     # Every report logs it, so its history says how far the run got.
     PROGRESS_METRIC = "loss"
@@ -38,17 +57,9 @@ class TrialRun:
     @classmethod
     def start(cls, tracking_uri: str, experiment_id: str, parent_run_id: str, name: str,
               params: dict, tags: dict) -> "TrialRun":
-        client = MlflowClient(tracking_uri)
-        query = " and ".join(f"tags.`{k}` = '{v}'"
-                             for k, v in {"mlflow.parentRunId": parent_run_id, **tags}.items())
-        found = _retry(client.search_runs, [experiment_id], query, max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            _retry(client.update_run, run_id, status="RUNNING")
-        else:
-            run_id = _retry(client.create_run, experiment_id, run_name=name,
-                            tags={"mlflow.parentRunId": parent_run_id, **tags}).info.run_id
-            _retry(client.log_batch, run_id, params=[Param(k, str(v)) for k, v in params.items()])
+        run_id = find_or_create_run(MlflowClient(tracking_uri), experiment_id, name,
+                                    {"mlflow.parentRunId": parent_run_id, **tags}, params,
+                                    reuse_finished=False)
         return cls(tracking_uri, run_id)
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:

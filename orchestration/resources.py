@@ -61,9 +61,13 @@ def require_reachable(address: str, timeout_s: float) -> None:
     at once which address it is."""
     if address in ("auto", "local"):
         return
-    host, _, port = address.split("://", 1)[-1].rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"RayResource.address {address!r} is not host:port, ray://host:port or auto")
+    scheme, _, rest = address.rpartition("://")
+    host, _, port = rest.rpartition(":")
+    host = host.strip("[]")  # [::1]:6379
+    if scheme not in ("", "ray") or not host or not port.isdigit():
+        # http://head:8265 is the dashboard's (Ray Jobs') address, not the cluster's
+        raise ValueError(f"RayResource.address {address!r} is not host:port (the GCS), "
+                         "ray://host:port (Ray Client) or auto")
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as err:
@@ -107,17 +111,12 @@ class MLflowResource(dg.ConfigurableResource):
                         params: dict) -> str:
         """The parent run of the grid `grid_key`: the existing one when the same grid is
         materialized again (Tune resumes it, and its trials are that run's children)."""
+        from distill_core.tracking import find_or_create_run
+
         client = self.client()
-        found = client.search_runs([experiment_id], f"tags.`kdbench.grid_key` = '{grid_key}'",
-                                   max_results=1)
-        if found:
-            run_id = found[0].info.run_id
-            client.update_run(run_id, status="RUNNING")
-        else:
-            run_id = client.create_run(experiment_id, run_name=f"grid-{grid_key}", tags={
-                "kdbench.grid_key": grid_key, "kdbench.asset": "student_checkpoints"}).info.run_id
-            for key, value in params.items():
-                client.log_param(run_id, key, value)
+        run_id = find_or_create_run(client, experiment_id, f"grid-{grid_key}",
+                                    {"kdbench.grid_key": grid_key, "kdbench.asset": "student_checkpoints"},
+                                    params, reuse_finished=True)
         client.set_tag(run_id, "dagster.run_id", dagster_run_id)
         return run_id
 
