@@ -35,16 +35,22 @@ def _alive(pid: int) -> bool:
 
 
 def clear_dead_writers(path: Path) -> list[Path]:
-    """Removes what writers of `path` on this host left behind when they died; returns it."""
+    """Removes what writers of `path` on this host left behind when they died; returns it. A
+    writer killed between moving the previous `path` aside and moving its own into place left
+    no `path` at all: the previous one is put back first."""
     path = Path(path)
     removed = []
     for kind in _KINDS:
         prefix = f".{path.name}.{kind}-{socket.gethostname()}-"
-        for left in path.parent.glob(f"{prefix}*"):
+        for left in sorted(path.parent.glob(f"{prefix}*")):
             pid = left.name[len(prefix):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(left) if left.is_dir() else left.unlink()
-                removed.append(left)
+            if not pid.isdigit() or _alive(int(pid)):
+                continue
+            if kind == "old" and not path.exists() and (left / path.name).exists():
+                os.replace(left / path.name, path)
+            # Another writer may be clearing the same leftovers: gone is as good as removed.
+            shutil.rmtree(left, ignore_errors=True) if left.is_dir() else left.unlink(missing_ok=True)
+            removed.append(left)
     return removed
 
 

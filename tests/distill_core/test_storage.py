@@ -31,8 +31,10 @@ def _writer(target):
 
 def test_a_killed_cache_write_leaves_nothing_readable_and_the_next_write_clears_it(tmp_path):
     target = tmp_path / "cache"
-    killed, alive = _writer(target), _writer(target)
+    killed = _writer(target)
+    alive = None
     try:
+        alive = _writer(target)
         killed.kill()  # SIGKILL: no cleanup runs
         killed.wait()
         assert not target.exists()
@@ -47,16 +49,33 @@ def test_a_killed_cache_write_leaves_nothing_readable_and_the_next_write_clears_
         assert left[-1] == "cache" and len(left) == 2, left
         assert f"-{alive.pid}-" in left[0]  # the live writer's temporary is kept
     finally:
-        alive.kill()
-        alive.wait()
-        for out in (killed, alive):
-            out.stdout.close()
+        for proc in (killed, alive):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+                proc.stdout.close()
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    return dead.pid
 
 
 def test_a_dead_writers_parquet_temporary_is_cleared(tmp_path):
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    leftover = tmp_path / f".table.parquet.tmp-{socket.gethostname()}-{dead.pid}-parquet"
+    leftover = tmp_path / f".table.parquet.tmp-{socket.gethostname()}-{_dead_pid()}-parquet"
     leftover.write_bytes(b"half a table")
     write_parquet_atomic(pd.DataFrame({"a": [1]}), tmp_path / "table.parquet")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["table.parquet"]
+
+
+def test_a_writer_killed_while_replacing_a_cache_leaves_the_previous_one_in_place(tmp_path):
+    # Killed after moving the previous cache aside, before moving its own in: no `cache`.
+    aside = tmp_path / f".cache.old-{socket.gethostname()}-{_dead_pid()}-x1" / "cache"
+    aside.mkdir(parents=True)
+    (aside / "manifest.json").write_text('{"previous": true}')
+    with pytest.raises(RuntimeError):
+        with atomic_directory(tmp_path / "cache"):
+            raise RuntimeError("this write fails too")
+    assert (tmp_path / "cache" / "manifest.json").read_text() == '{"previous": true}'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
