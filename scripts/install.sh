@@ -7,7 +7,8 @@
 # PYTHONDONTWRITEBYTECODE set (as here) a venv without .pyc files recompiles torch and
 # transformers in every process, 20-25 s an import instead of ~9 (every Ray worker pays it).
 # Chromium and its driver, for the browser test of the UIs, come from the distribution's
-# packages (apt, ~25 s) where this user may install them; the test is skipped without them.
+# packages (apt, ~25 s) when this runs as root; otherwise it says what to run, and the browser
+# test is skipped until they are there.
 set -euo pipefail
 python=${PYTHON:-python3}
 venv=${VENV:-.venv}
@@ -31,15 +32,18 @@ else
   "${pip[@]}" install --quiet --disable-pip-version-check -e '.[dev]'
 fi
 
+packages=(chromium chromium-driver)  # Debian's names
 if ! command -v chromedriver >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
-  as_root=()
-  if [ "$(id -u)" != 0 ]; then sudo -n true 2>/dev/null && as_root=(sudo -n) || as_root=(false); fi
-  apt_get() { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -qq "$@" >/dev/null; }
-  install_chromium() { apt_get install -y --no-install-recommends chromium chromium-driver; }
-  # Stale or missing package lists: update once, then try again.
-  if install_chromium || { apt_get update && install_chromium; }; then
-    echo "installed Chromium and chromedriver (apt) for the browser test"
-  else
-    echo "Chromium not installed (needs root or sudo, and apt); the browser test will be skipped" >&2
+  if [ "$(id -u)" = 0 ]; then
+    apt_get() { env DEBIAN_FRONTEND=noninteractive apt-get -qq "$@" >/dev/null; }
+    install_chromium() { apt_get install -y --no-install-recommends "${packages[@]}"; }
+    # Stale or missing package lists: update once, then try again.
+    if install_chromium || { apt_get update && install_chromium; }; then
+      echo "installed ${packages[*]} (apt) for the browser test"
+    else
+      echo "could not install ${packages[*]} with apt; the browser test will be skipped" >&2
+    fi
+  else  # never escalates by itself
+    echo "the browser test will be skipped; to run it: sudo apt-get install ${packages[*]}" >&2
   fi
 fi

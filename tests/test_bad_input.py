@@ -195,9 +195,10 @@ def test_an_unreachable_ray_address_is_named_at_once(monkeypatch):
     ray_cluster = resources()["ray_cluster"]
     with pytest.raises(ConnectionError, match=rf"Ray cluster at 127.0.0.1:{port} is not reachable"):
         ray_cluster.setup_for_execution(dg.build_init_resource_context())
-    with pytest.raises(ValueError, match=r"RayResource.address 'head-node' is not host:port"):
-        resources(ray_address="head-node")["ray_cluster"].setup_for_execution(
-            dg.build_init_resource_context())
+    for wrong in ("head-node", "http://head-node:8265"):  # no port; the dashboard's address
+        with pytest.raises(ValueError, match=rf"RayResource.address '{wrong}' is not host:port"):
+            resources(ray_address=wrong)["ray_cluster"].setup_for_execution(
+                dg.build_init_resource_context())
 
 
 def test_kdbench_eval_refuses_a_limit_below_one(tiny_teacher_dir, shared_data, capsys):

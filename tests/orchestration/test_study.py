@@ -183,12 +183,14 @@ def test_a_grid_whose_run_was_killed_resumes_when_materialized_again(study, ray_
     earlier = set(tune_dir.iterdir())
     # Tune saves its experiment state every second here (default: adaptive, >= 10 s).
     env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    driver = subprocess.Popen([sys.executable, "-c", GRID_RUN, json.dumps(settings)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log_path = root / "killed_grid.log"  # a file, not a pipe: a full pipe would stall the run
+    with log_path.open("w") as log:
+        driver = subprocess.Popen([sys.executable, "-c", GRID_RUN, json.dumps(settings)], env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline, states, experiment_dir = time.monotonic() + 400, {}, None
         while time.monotonic() < deadline:
-            assert driver.poll() is None, f"the grid's process ended by itself: {driver.stderr.read()}"
+            assert driver.poll() is None, f"the grid's process ended by itself: {log_path.read_text()[-3000:]}"
             new = set(tune_dir.iterdir()) - earlier if tune_dir.exists() else set()
             if new:
                 (experiment_dir,) = new
@@ -201,9 +203,14 @@ def test_a_grid_whose_run_was_killed_resumes_when_materialized_again(study, ray_
     finally:
         if driver.poll() is None:
             driver.kill()
-        driver.stderr.close()
     finished = {key for key, status in states.items() if status == "TERMINATED"}
     assert finished and len(finished) < len(states) == 4, states
+    # The dead run's trials end when Ray sees their driver gone: wait until they free the CPUs,
+    # so that none of them still logs or writes while the grid resumes.
+    deadline = time.monotonic() + 120
+    while ray_local.available_resources().get("CPU", 0) < ray_local.cluster_resources()["CPU"]:
+        assert time.monotonic() < deadline, "the killed run's trials still hold the cluster's CPUs"
+        time.sleep(0.5)
 
     grid_key = experiment_dir.name.removeprefix("tiny-")
     out_dir = root / "artifacts" / "tiny" / "students" / grid_key

@@ -8,6 +8,7 @@ installs both with apt where it can); the servers' tests run everywhere."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -36,10 +37,16 @@ TRIALS = [f"{g}-seed{s}" for g in ("black_box", "combined") for s in (0, 1)]
 START_TIMEOUT_S = 300  # dagster dev starts a webserver, a daemon and their code servers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` different ports nothing listens on (all held until all are chosen)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _answers(url: str) -> bool:
@@ -77,7 +84,7 @@ def ui(tmp_path_factory, tracked):
     """scripts/ui.sh in a session of its own (as a terminal runs it), on free ports, with an
     empty Dagster instance (nothing for the automation to start) and the tracked store."""
     home = tmp_path_factory.mktemp("dagster_home")
-    ports = {"dagster": _free_port(), "mlflow": _free_port()}
+    ports = dict(zip(("dagster", "mlflow"), _free_ports(2)))
     env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_PORT": str(ports["dagster"]),
            "MLFLOW_PORT": str(ports["mlflow"]), "MLFLOW_BACKEND_STORE_URI": tracked["uri"],
            "MLFLOW_DEFAULT_ARTIFACT_ROOT": tracked["artifacts"],
@@ -99,7 +106,8 @@ def ui(tmp_path_factory, tracked):
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)
         for pid in _started_by(home):  # whatever a failed test left behind
-            os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         log.close()
 
 
@@ -163,10 +171,10 @@ def browser():
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    # no-sandbox: Chromium refuses to start as root with its sandbox; a wide window makes the
-    # asset graph draw full nodes (with whole names) instead of zoomed-out boxes.
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
-                "--window-size=2400,1400"):
+    # A wide window makes the asset graph draw full nodes (with whole names), not zoomed-out
+    # boxes; Chromium refuses to run as root with its sandbox.
+    for arg in ("--headless=new", "--disable-dev-shm-usage", "--window-size=2400,1400",
+                *(["--no-sandbox"] if os.geteuid() == 0 else [])):
         options.add_argument(arg)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     yield driver
@@ -188,24 +196,34 @@ def test_the_dagster_asset_graph_shows_the_seven_assets(ui, browser):
     browser.get(ui["urls"]["dagster"] + "/asset-groups?expanded=" +
                 ",".join(f"global@global:{g}" for g in groups))
     names = " or ".join(f"normalize-space(text())='{n}'" for n in [*ASSETS, "train_files", "eval_files"])
+    nodes = f"//*[local-name()='foreignObject']//div[{names}]"  # the graph's nodes, not the sidebar
     shown = WebDriverWait(browser, 120, poll_frequency=1).until(
-        lambda d: (found := _texts(d, f"//div[{names}]")) >= {*ASSETS, "train_files", "eval_files"}
-        and found)
+        lambda d: (found := _texts(d, nodes)) >= {*ASSETS, "train_files", "eval_files"} and found)
     assert set(ASSETS) <= shown
     assert _texts(browser, "//*[contains(normalize-space(text()), 'Materialize all (7)')]")
 
 
 @needs_chromium
 def test_the_mlflow_experiment_nests_the_trial_runs_under_their_grid(ui, browser, tracked):
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(f"{ui['urls']['mlflow']}/#/experiments/{tracked['experiment_id']}/runs"
                 "?workflowType=machine_learning")
     run_names = "//a[contains(@href, '/runs/')]/span"
-    parent = WebDriverWait(browser, 120, poll_frequency=1).until(
-        lambda d: d.find_elements("xpath", f"//a[normalize-space(.)='{tracked['parent']}']"))[0]
+    parent = f"//a[normalize-space(.)='{tracked['parent']}']"
+    WebDriverWait(browser, 120, poll_frequency=1).until(lambda d: d.find_elements("xpath", parent))
     assert _texts(browser, run_names) == {tracked["parent"]}  # the trials are nested, not listed
-    parent.find_element("xpath", "./ancestor::span[contains(@class, 'ag-cell-value')]//button").click()
+    expander = parent + "/ancestor::span[contains(@class, 'ag-cell-value')]//button"
+
+    def expand(d):  # the table may re-render under the click: find the button anew
+        try:
+            d.find_element("xpath", expander).click()
+            return True
+        except StaleElementReferenceException:
+            return False
+
+    WebDriverWait(browser, 30, poll_frequency=0.5).until(expand)
     shown = WebDriverWait(browser, 60, poll_frequency=0.5).until(
         lambda d: (names := _texts(d, run_names)) > {tracked["parent"]} and names)
     assert shown == {tracked["parent"], *TRIALS}
