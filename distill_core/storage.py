@@ -20,8 +20,9 @@ import pandas as pd
 _KINDS = ("tmp", "old")
 
 
-def _sibling_prefix(path: Path, kind: str) -> str:
-    return f".{path.name}.{kind}-{socket.gethostname()}-{os.getpid()}-"
+def _sibling_prefix(path: Path, kind: str, pid: int | None = None) -> str:
+    """`.<name>.<kind>-<host>-<pid>-`; without a pid, what every writer's on this host starts with."""
+    return f".{path.name}.{kind}-{socket.gethostname()}-" + (f"{pid}-" if pid is not None else "")
 
 
 def _alive(pid: int) -> bool:
@@ -41,7 +42,7 @@ def clear_dead_writers(path: Path) -> list[Path]:
     path = Path(path)
     removed = []
     for kind in _KINDS:
-        prefix = f".{path.name}.{kind}-{socket.gethostname()}-"
+        prefix = _sibling_prefix(path, kind)
         for left in sorted(path.parent.glob(f"{prefix}*")):
             pid = left.name[len(prefix):].split("-", 1)[0]
             if not pid.isdigit() or _alive(int(pid)):
@@ -54,17 +55,30 @@ def clear_dead_writers(path: Path) -> list[Path]:
     return removed
 
 
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> Path:
+@contextmanager
+def _atomic_file(path: Path):
+    """Yields a temporary sibling file; on success it replaces `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_dead_writers(path)
-    tmp = path.with_name(_sibling_prefix(path, "tmp") + "parquet")
+    tmp = path.with_name(_sibling_prefix(path, "tmp", os.getpid()) + "file")
     try:
-        frame.to_parquet(tmp, index=False)
+        yield tmp
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return path
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> Path:
+    with _atomic_file(path) as tmp:
+        frame.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    with _atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
 
 
 @contextmanager
@@ -73,11 +87,11 @@ def atomic_directory(path: Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     clear_dead_writers(path)
-    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "tmp"), dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "tmp", os.getpid()), dir=path.parent))
     try:
         yield tmp
         if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "old"), dir=path.parent))
+            old = Path(tempfile.mkdtemp(prefix=_sibling_prefix(path, "old", os.getpid()), dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
