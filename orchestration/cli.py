@@ -79,6 +79,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from distill_core import real_datasets as real
     from distill_core.evaluation import evaluate_task
     from distill_core.models import load_causal_lm, load_tokenizer
+    from distill_core.storage import write_text_atomic
 
     checkpoint, data_dir = Path(args.checkpoint), Path(args.data_dir)
     if not (checkpoint / "config.json").is_file():
@@ -88,18 +89,20 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"--limit {args.limit}: must be at least 1", file=sys.stderr)
         return 2
     subjects = [s for s in args.subjects.split(",") if s] if args.subjects else None
+    shots = real.HARNESS_SHOTS[args.task] if args.shots is None else args.shots
     try:
         rows = real.load_local(args.task, data_dir, real.EVAL_SPLIT[args.task], subjects=subjects).rows
+        # Zero-shot (SST-2's default) needs no pool: SST-2's is its 67k-row train file.
         pool = real.fewshot_pool(args.task, real.load_local(
-            args.task, data_dir, real.FEWSHOT_SPLIT[args.task], subjects=subjects).rows)
+            args.task, data_dir, real.FEWSHOT_SPLIT[args.task], subjects=subjects).rows) if shots else []
     except (FileNotFoundError, ValueError) as err:
         print(f"--data-dir {data_dir}: {err}", file=sys.stderr)
         return 2
     rows = rows[:args.limit] if args.limit else rows
-    shots = real.HARNESS_SHOTS[args.task] if args.shots is None else args.shots
     import torch
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_causal_lm(checkpoint), load_tokenizer(checkpoint)
     started = time.perf_counter()
     try:
@@ -111,12 +114,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return 2
     seconds = time.perf_counter() - started
     records = result.pop("predictions", None)
-    if args.predictions:
-        out = Path(args.predictions)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(out)  # never a half-written predictions file
+    if args.predictions:  # never a half-written predictions file
+        write_text_atomic("".join(json.dumps(r) + "\n" for r in records), Path(args.predictions))
     print(json.dumps({"task": args.task, **result, "shots": shots, "checkpoint": str(checkpoint),
                       "split": real.EVAL_SPLIT[args.task], "seconds": round(seconds, 2),
                       "examples_per_s": round(result["n"] / seconds, 2)}))
