@@ -44,3 +44,15 @@ def run_grid(cfg: ExperimentConfig, storage_dir: Path, run_name: str, space: dic
             ),
         )
     return tuner.fit()
+
+
+def grid_problems(trials, groups: list[str], seeds: list[int]) -> list[str]:
+    """What a finished grid lacks: `trials` (rows with group, seed, path) must hold one
+    checkpoint (weights and its CHECKPOINT_META) for every group x seed, and nothing else."""
+    from distill_core.training import CHECKPOINT_META
+
+    expected = {(g, s) for g in groups for s in seeds}
+    done = {(r.group, r.seed) for r in trials.itertuples()
+            if (Path(r.path) / "model.safetensors").is_file() and (Path(r.path) / CHECKPOINT_META).is_file()}
+    problems = [f"{g}-seed{s}: no finished checkpoint" for g, s in sorted(expected - done)]
+    return problems + [f"{g}-seed{s}: not in the grid" for g, s in sorted(done - expected)]

@@ -15,7 +15,7 @@ from distill_core import (cache_size, evaluation, grid, statistics, tasks, teach
                           teacher_training)
 from distill_core.config import TASKS
 from distill_core.storage import write_parquet_atomic
-from distill_core.training import write_untrained_student
+from distill_core.training import CHECKPOINT_META, write_untrained_student
 from orchestration import checks
 from orchestration.sources import eval_files, train_files
 from orchestration.lineage import dir_bytes, file_sha256, upstream
@@ -150,19 +150,23 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
     key = teacher_cache.cache_key(**identity)
     out_dir = experiment.root() / "teacher_cache" / task / key
     contexts = teacher_cache.training_contexts(pd.read_parquet(rows["path"]))
-    # Aligned once: the exact estimate, the budget check and the build all read these rows.
-    aligned = teacher_cache.aligned_rows(contexts, student_tokenizer, load_tokenizer(teacher["path"]),
-                                         cfg.max_length, cfg.cache.attention_queries)
     teacher_config = json.loads((Path(teacher["path"]) / "config.json").read_text())
-    estimated = cache_size.estimate(
-        {task: cache_size.shapes_from_aligned(aligned)}, teacher_config["hidden_size"],
-        teacher_config["num_attention_heads"], cfg.cache, "exact shapes")
-    cache_size.check_budget(estimated, f"teacher_cache[{task}]")
-    manifest = teacher_cache.build_teacher_cache(
-        aligned, out_dir, teacher_dir=teacher["path"],
-        student_tokenizer_dir=teacher["student_tokenizer"], logits=cfg.cache.logits,
-        top_k=cfg.cache.top_k, batch_size=cfg.cache.batch_size, actors=cfg.cache.actors,
-        num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity, estimate=estimated)
+    # A complete cache of this key is reused as it is: no alignment, no build.
+    manifest = teacher_cache.complete_manifest(out_dir)
+    if manifest is None:
+        # Aligned once: the exact estimate, the budget check and the build all read these rows.
+        aligned = teacher_cache.aligned_rows(contexts, student_tokenizer, load_tokenizer(teacher["path"]),
+                                             cfg.max_length, cfg.cache.attention_queries)
+        estimated = cache_size.estimate(
+            {task: cache_size.shapes_from_aligned(aligned)}, teacher_config["hidden_size"],
+            teacher_config["num_attention_heads"], cfg.cache, "exact shapes")
+        cache_size.check_budget(estimated, f"teacher_cache[{task}]")
+        manifest = teacher_cache.build_teacher_cache(
+            aligned, out_dir, teacher_dir=teacher["path"],
+            student_tokenizer_dir=teacher["student_tokenizer"], logits=cfg.cache.logits,
+            top_k=cfg.cache.top_k, batch_size=cfg.cache.batch_size, actors=cfg.cache.actors,
+            num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity, estimate=estimated)
+    estimated = manifest["estimate"]  # what the build was checked against
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(str(out_dir)), "cache_key": key,
                   "rows": manifest["rows"], "tokens": manifest["tokens"],
@@ -176,7 +180,7 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
                   "shards": len(manifest["files"])},
         data_version=dg.DataVersion(key),
         check_results=[checks.result(checks.CACHE[0], teacher_cache.cache_problems(
-            out_dir, len(aligned), teacher_config["hidden_size"], teacher_config["num_attention_heads"]),
+            out_dir, len(contexts), teacher_config["hidden_size"], teacher_config["num_attention_heads"]),
             vocabulary_map_coverage=manifest["vocabulary_map_coverage"])])
 
 
@@ -220,7 +224,7 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
     for result in results:
         group, seed = result.config["group"], result.config["seed"]
         path = out_dir / f"{group}-seed{seed}"
-        meta = json.loads((path / "kdbench.json").read_text()) if path.exists() else {}
+        meta = json.loads((path / CHECKPOINT_META).read_text()) if path.exists() else {}
         trials.append({"group": group, "seed": seed, "path": str(path), "finished": result.error is None
                        and path.exists(), "mlflow_run_id": meta.get("mlflow_run_id"),
                        "final_loss": (result.metrics or {}).get("loss")})
@@ -233,13 +237,9 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
     if len(failed):
         raise dg.Failure(f"{len(failed)} of {len(table)} trials did not finish: "
                          f"{failed[['group', 'seed']].to_dict('records')}")
-    expected = {(g, s) for g in cfg.distill.groups for s in cfg.seeds}
-    done = {(r.group, r.seed) for r in table.itertuples()
-            if (Path(r.path) / "model.safetensors").is_file() and (Path(r.path) / "kdbench.json").is_file()}
-    grid_problems = [f"{g}-seed{s}: no finished checkpoint" for g, s in sorted(expected - done)]
-    grid_problems += [f"{g}-seed{s}: not in the grid" for g, s in sorted(done - expected)]
+    problems = grid.grid_problems(table, cfg.distill.groups, cfg.seeds)
     return dg.MaterializeResult(
-        check_results=[checks.result(checks.GRID[0], grid_problems, trials=len(table))],
+        check_results=[checks.result(checks.GRID[0], problems, trials=len(table))],
         metadata={"path": dg.MetadataValue.path(str(out_dir)), "trials": len(table),
                   "manifest": dg.MetadataValue.path(str(manifest)),
                   "untrained_student": dg.MetadataValue.path(str(untrained)),

@@ -100,24 +100,17 @@ def test_seed_fixes_init_and_data_order(tiny_config, tiny_teacher_dir):
 
 
 def test_a_nan_loss_fails_its_trial_naming_it_and_writes_no_checkpoint(
-        tmp_path, tiny_config, caches, tiny_teacher_dir):
+        tmp_path, tiny_config, caches, tiny_teacher_dir, nan_hidden):
     """A cache whose hidden states are NaN (written around the cache_valid check): the trial
     stops at its first step with an error that names it, and leaves no student behind."""
     import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
 
     corrupted = []
     for cache in caches:
         copy = tmp_path / "caches" / os.path.basename(cache)
         shutil.copytree(cache, copy)
         for name in json.loads((copy / "manifest.json").read_text())["files"]:
-            shard = copy / name
-            table = pq.read_table(shard)
-            nan = [bytes(bytearray(b"\xc0\x7f") * (len(h) // 2)) for h in table["hidden"].to_pylist()]
-            pq.write_table(table.set_column(table.schema.get_field_index("hidden"), "hidden",
-                                            pa.array(nan, pa.binary())), shard)
+            nan_hidden(copy / name)
         corrupted.append(str(copy))
     cfg = tiny_config.model_copy(update={"distill": tiny_config.distill.model_copy(
         update={"groups": ["black_box"], "seeds": 1})})
@@ -127,3 +120,21 @@ def test_a_nan_loss_fails_its_trial_naming_it_and_writes_no_checkpoint(
     assert "trial black_box-seed0: loss is nan at step 0" in str(error)
     assert "check the teacher cache" in str(error)
     assert not (tmp_path / "out" / "black_box-seed0").exists()
+
+
+def test_grid_problems_name_each_missing_or_unexpected_checkpoint(tmp_path):
+    from distill_core.grid import grid_problems
+    from distill_core.training import CHECKPOINT_META
+
+    rows = []
+    for group, seed, files in (("black_box", 0, ["model.safetensors", CHECKPOINT_META]),
+                               ("black_box", 1, ["model.safetensors"]),  # no kdbench.json
+                               ("combined", 9, ["model.safetensors", CHECKPOINT_META])):
+        path = tmp_path / f"{group}-seed{seed}"
+        path.mkdir()
+        for name in files:
+            (path / name).write_text("x")
+        rows.append({"group": group, "seed": seed, "path": str(path)})
+    assert grid_problems(pd.DataFrame(rows), ["black_box", "combined"], [0, 1]) == [
+        "black_box-seed1: no finished checkpoint", "combined-seed0: no finished checkpoint",
+        "combined-seed1: no finished checkpoint", "combined-seed9: not in the grid"]
