@@ -234,8 +234,8 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
     from distill_core.models import load_tokenizer
 
     out_dir = Path(out_dir)
-    if (out_dir / MANIFEST).exists():
-        return read_manifest(out_dir)
+    if (existing := complete_manifest(out_dir)) is not None:
+        return existing
     if aligned.schema.names != ALIGNED_SCHEMA.names:
         raise ValueError(f"teacher cache {out_dir}: rows have columns {aligned.schema.names}, "
                          f"not aligned_rows' {ALIGNED_SCHEMA.names}")
@@ -281,6 +281,12 @@ def read_vocabulary_map(cache_dir: Path) -> torch.Tensor:
 
 def _column_sum(files: list[Path], column: str) -> int:
     return sum(int(pq.read_table(f, columns=[column]).column(0).to_numpy().sum()) for f in files)
+
+
+def complete_manifest(cache_dir: Path) -> dict | None:
+    """The manifest of a complete cache at `cache_dir`, or None: callers check it before they
+    align the rows, which a complete cache does not need."""
+    return read_manifest(cache_dir) if (Path(cache_dir) / MANIFEST).exists() else None
 
 
 def read_manifest(cache_dir: Path) -> dict:

@@ -33,22 +33,17 @@ SECRET = "hf_kdbench_test_secret_value"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, ray_local):
-    # A token in the environment, as a user with hub access has one: it must appear nowhere.
-    saved = os.environ.get("HF_TOKEN")
-    os.environ["HF_TOKEN"] = SECRET
     root = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{root}/mlflow.db"
-    res = resources(overrides_json=json.dumps(OVERRIDES), artifacts_dir=str(root / "artifacts"),
-                    tracking_uri=uri, artifact_root=str(root / "mlruns"))
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        # A token in the environment, as a user with hub access has one: it must appear nowhere.
+        env.setenv("HF_TOKEN", SECRET)
+        res = resources(overrides_json=json.dumps(OVERRIDES), artifacts_dir=str(root / "artifacts"),
+                        tracking_uri=uri, artifact_root=str(root / "mlruns"))
         with dg.instance_for_test() as instance:  # sets DAGSTER_HOME: other processes can open it
             metadata = materialize_study(res, instance, log=lambda _: None)
-            yield {"root": root, "uri": uri, "metadata": metadata, "instance": instance}
-    finally:
-        if saved is None:
-            os.environ.pop("HF_TOKEN", None)
-        else:
-            os.environ["HF_TOKEN"] = saved
+            yield {"root": root, "uri": uri, "metadata": metadata, "instance": instance,
+                   "resources": res}
 
 
 def test_every_asset_and_partition_is_materialized_with_its_code_version(study):
@@ -138,6 +133,23 @@ def test_report_statistics_agree_with_the_table(study):
     assert all(f"## {t}" in text for t in TASKS)
     assert len(report["verdicts"]) == 3
     assert (out_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_complete_cache_is_reused_as_it_is_when_materialized_again(study):
+    instance = study["instance"]
+    gsm8k = dg.AssetRecordsFilter(asset_key=dg.AssetKey("teacher_cache"), asset_partitions=["gsm8k"])
+
+    def latest():
+        (record,) = instance.fetch_materializations(gsm8k, limit=1).records
+        return {k: v.value for k, v in record.asset_materialization.metadata.items()}
+
+    before = latest()
+    manifest = Path(before["path"]) / "manifest.json"
+    written = manifest.stat().st_mtime_ns
+    result = dg.materialize([*sources, *all_assets], selection=["teacher_cache"], partition_key="gsm8k",
+                            resources=study["resources"], instance=instance)
+    assert result.success and all(c.passed for c in result.get_asset_check_evaluations())
+    assert latest() == before and manifest.stat().st_mtime_ns == written
 
 
 # Materializes student_checkpoints alone, in a process of its own (as a Dagster run worker
