@@ -1,7 +1,5 @@
 """The Dagster code location (workspace.yaml points here)."""
 
-import os
-
 import dagster as dg
 
 from orchestration import assets
@@ -26,11 +24,9 @@ automation = dg.AutomationConditionSensorDefinition(
 
 def resources(preset: str = "tiny", overrides_json: str = "{}", artifacts_dir: str = "artifacts",
               tracking_uri: str = "sqlite:///mlflow.db", artifact_root: str = "mlruns",
-              ray_address: str | None = None) -> dict:
+              ray_address: str = "") -> dict:
     """The graph's resources; the Ray cluster is `ray_address`, else Ray's own RAY_ADDRESS,
     else a local Ray."""
-    if ray_address is None:
-        ray_address = os.environ.get("RAY_ADDRESS", "")
     return {"experiment": ExperimentResource(preset=preset, overrides_json=overrides_json,
                                              artifacts_dir=artifacts_dir),
             "ray_cluster": RayResource(address=ray_address),

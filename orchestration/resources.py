@@ -33,8 +33,8 @@ class ExperimentResource(dg.ConfigurableResource):
 
 
 class RayResource(dg.ConfigurableResource):
-    """A local Ray (the machine's CPUs) unless `address` names a cluster: its GCS as
-    `host:port`, `ray://host:port` for Ray Client, or `auto`."""
+    """A local Ray (the machine's CPUs) unless `address` (else RAY_ADDRESS) names a cluster:
+    its GCS as `host:port`, `ray://host:port` for Ray Client, or `auto`."""
 
     address: str = ""
     num_cpus: int | None = None
@@ -46,12 +46,14 @@ class RayResource(dg.ConfigurableResource):
         # Without this, Ray 2.5x writes an auth token under the home directory.
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if self.address:
-            require_reachable(self.address, self.connect_timeout_s)
+        # Ray's own variable, as ray.init itself would read it (so it is checked too).
+        address = self.address or os.environ.get("RAY_ADDRESS", "")
+        if address:
+            require_reachable(address, self.connect_timeout_s)
         if ray.is_initialized():
             return
-        if self.address:
-            ray.init(address=self.address, log_to_driver=False)
+        if address:
+            ray.init(address=address, log_to_driver=False)
         else:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
 
