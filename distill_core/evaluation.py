@@ -23,9 +23,12 @@ STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")  # the harness's gsm8k `until
 def _score_rows(model, ids_list, mask_list, pad_id) -> list[float]:
     ids, attn = pad_batch(ids_list, pad_id)
     targets, _ = pad_batch(mask_list, 0)
-    logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=attn).logits.float(), -1)
-    token_lp = logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return (token_lp * targets[:, 1:]).sum(-1).tolist()
+    # Logits only where a target token is predicted (position t predicts t + 1): the vocabulary
+    # projection at every position of a 5-shot prompt is most of a small model's work.
+    keep = targets[:, 1:].bool().any(0).nonzero().squeeze(1)
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+    token_lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:][:, keep, None]).squeeze(-1)
+    return (token_lp * targets[:, 1:][:, keep]).sum(-1).tolist()
 
 
 @torch.inference_mode()
@@ -59,9 +62,11 @@ def choice_loglikelihoods(model, tokenizer, contexts: list[str], choices: list[l
         batch = shared[start:start + batch_size]
         rows = [seqs[per_example[i][0]][0][:-1] for i in batch]
         ids, attn = pad_batch(rows, tokenizer.pad_token_id)
-        logits = model(input_ids=ids, attention_mask=attn).logits
         last = attn.sum(1) - 1
-        logprobs = torch.log_softmax(logits[torch.arange(len(batch)), last].float(), -1)
+        keep = torch.unique(last)  # only the contexts' last positions need logits
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+        at = torch.searchsorted(keep, last)
+        logprobs = torch.log_softmax(logits[torch.arange(len(batch)), at].float(), -1)
         for b, i in enumerate(batch):
             for j in per_example[i]:
                 scores[j] = float(logprobs[b, seqs[j][0][-1]])
