@@ -81,3 +81,41 @@ def shared_data():
     if not path.exists():
         pytest.skip(f"{path} is not there")
     return path
+
+
+@pytest.fixture(scope="session")
+def nan_hidden():
+    """Writes bf16 NaN over the cached hidden states of a shard's rows (all, or the first
+    `rows`): a corrupted cache, as a disk or a foreign writer could leave it. Returns the
+    shard's table as it was."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def corrupt(shard, rows=None):
+        table = pq.read_table(shard)
+        hidden = table["hidden"].to_pylist()
+        n = len(hidden) if rows is None else rows
+        hidden = [bytes(bytearray(b"\xc0\x7f") * (len(h) // 2)) for h in hidden[:n]] + hidden[n:]
+        pq.write_table(table.set_column(table.schema.get_field_index("hidden"), "hidden",
+                                        pa.array(hidden, pa.binary())), shard)
+        return table
+
+    return corrupt
+
+
+@pytest.fixture(scope="session")
+def free_ports():
+    """`free_ports(n)`: n different local ports nothing listens on (all held until all are chosen)."""
+    import socket
+
+    def choose(n: int = 1) -> list[int]:
+        sockets = [socket.socket() for _ in range(n)]
+        try:
+            for s in sockets:
+                s.bind(("127.0.0.1", 0))
+            return [s.getsockname()[1] for s in sockets]
+        finally:
+            for s in sockets:
+                s.close()
+
+    return choose

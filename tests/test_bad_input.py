@@ -181,16 +181,12 @@ def test_an_unreachable_mlflow_server_is_named(monkeypatch):
         resource.experiment_id("kdbench-tiny")
 
 
-def test_an_unreachable_ray_address_is_named_at_once(monkeypatch):
-    import socket
-
+def test_an_unreachable_ray_address_is_named_at_once(monkeypatch, free_ports):
     import dagster as dg
 
     from orchestration.definitions import resources
 
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    (port,) = free_ports(1)
     monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")  # Ray's own variable, as users set it
     ray_cluster = resources()["ray_cluster"]
     with pytest.raises(ConnectionError, match=rf"Ray cluster at 127.0.0.1:{port} is not reachable"):

@@ -177,10 +177,9 @@ def test_budget_refuses_a_cache_too_large_before_building():
     cache_size.check_budget(cache_size.estimate(shapes, 96, 4, CacheConfig(), "test"), "ok")
 
 
-def test_cache_problems_finds_a_truncated_or_corrupted_cache(built_cache, tiny_teacher_dir, tmp_path):
+def test_cache_problems_finds_a_truncated_or_corrupted_cache(built_cache, tiny_teacher_dir, tmp_path,
+                                                              nan_hidden):
     import shutil
-
-    import pyarrow.parquet as pq
 
     rows, out, manifest = built_cache
     teacher = load_causal_lm(tiny_teacher_dir).config
@@ -189,12 +188,7 @@ def test_cache_problems_finds_a_truncated_or_corrupted_cache(built_cache, tiny_t
     assert cache_problems(out, len(rows) + 1, d, heads) == [f"{len(rows)} rows for {len(rows) + 1} inputs"]
     broken = tmp_path / "broken"
     shutil.copytree(out, broken)
-    shard = broken / manifest["files"][0]
-    table = pq.read_table(shard)
-    nan = bytes(bytearray(b"\xc0\x7f") * (len(table["hidden"][0].as_py()) // 2))  # bf16 NaN
-    hidden = [nan] + table["hidden"].to_pylist()[1:]
-    pq.write_table(table.set_column(table.schema.get_field_index("hidden"), "hidden",
-                                    pa.array(hidden, pa.binary())), shard)
+    table = nan_hidden(broken / manifest["files"][0], rows=1)
     found = cache_problems(broken, len(rows), d, heads)
     assert len(found) == 1 and "non-finite teacher signals" in found[0]
     assert str(table["id"][0]) in found[0]

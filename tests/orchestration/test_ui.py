@@ -37,18 +37,6 @@ TRIALS = [f"{g}-seed{s}" for g in ("black_box", "combined") for s in (0, 1)]
 START_TIMEOUT_S = 300  # dagster dev starts a webserver, a daemon and their code servers
 
 
-def _free_ports(n: int) -> list[int]:
-    """`n` different ports nothing listens on (all held until all are chosen)."""
-    sockets = [socket.socket() for _ in range(n)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -80,11 +68,11 @@ def tracked(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ui(tmp_path_factory, tracked):
+def ui(tmp_path_factory, tracked, free_ports):
     """scripts/ui.sh in a session of its own (as a terminal runs it), on free ports, with an
     empty Dagster instance (nothing for the automation to start) and the tracked store."""
     home = tmp_path_factory.mktemp("dagster_home")
-    ports = dict(zip(("dagster", "mlflow"), _free_ports(2)))
+    ports = dict(zip(("dagster", "mlflow"), free_ports(2)))
     env = {**os.environ, "DAGSTER_HOME": str(home), "DAGSTER_PORT": str(ports["dagster"]),
            "MLFLOW_PORT": str(ports["mlflow"]), "MLFLOW_BACKEND_STORE_URI": tracked["uri"],
            "MLFLOW_DEFAULT_ARTIFACT_ROOT": tracked["artifacts"],
