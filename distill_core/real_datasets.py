@@ -29,6 +29,7 @@ from distill_core.tasks import (MMLU_LETTERS, SST2_CHOICES, SST2_QUESTION, final
                                 mmlu_prompt, row_id)
 
 # The split a paper reports, and the one the few-shot exemplars come from (the harness's).
+TRAIN_SPLIT = {"sst2": "train", "mmlu": "val", "gsm8k": "train"}  # MMLU has no train split
 EVAL_SPLIT = {"sst2": "dev", "mmlu": "test", "gsm8k": "test"}
 FEWSHOT_SPLIT = {"sst2": "train", "mmlu": "dev", "gsm8k": "train"}
 HARNESS_SHOTS = {"sst2": 0, "mmlu": 5, "gsm8k": 5}
@@ -169,21 +170,24 @@ def mmlu_subjects(data_dir: Path, split: str) -> list[str]:
     return sorted(p.name[:-len(suffix)] for p in (Path(data_dir) / "mmlu" / split).glob(f"*{suffix}"))
 
 
+def split_files(task: str, data_dir: Path, split: str,
+                subjects: list[str] | None = None) -> list[tuple[Path, str | None]]:
+    """The release files of one split of a task in a folder laid out as ../shared/data, each
+    with its MMLU subject (None for the others)."""
+    root = Path(data_dir)
+    if task == "mmlu":
+        return [(root / "mmlu" / split / f"{s}_{split}.csv", s)
+                for s in subjects or mmlu_subjects(root, split)]
+    if task not in ("sst2", "gsm8k"):
+        raise ValueError(f"unknown task {task!r}")
+    return [(root / task / f"{split}{'.tsv' if task == 'sst2' else '.jsonl'}", None)]
+
+
 def load_local(task: str, data_dir: Path, split: str, *, subjects: list[str] | None = None,
                bad_rows: str = "error") -> Loaded:
     """One split of one task from a folder laid out as ../shared/data."""
-    root = Path(data_dir)
-    if task == "sst2":
-        files = [(root / "sst2" / f"{split}.tsv", None)]
-    elif task == "gsm8k":
-        files = [(root / "gsm8k" / f"{split}.jsonl", None)]
-    elif task == "mmlu":
-        subjects = subjects or mmlu_subjects(root, split)
-        files = [(root / "mmlu" / split / f"{s}_{split}.csv", s) for s in subjects]
-    else:
-        raise ValueError(f"unknown task {task!r}")
     out = Loaded([])
-    for path, subject in files:
+    for path, subject in split_files(task, data_dir, split, subjects):
         if not path.is_file():
             raise FileNotFoundError(f"{task} {split}: no file {path}")
         if task == "sst2":
@@ -193,7 +197,7 @@ def load_local(task: str, data_dir: Path, split: str, *, subjects: list[str] | N
         else:
             out.extend(read_mmlu(path, subject, split, bad_rows))
     if not out.rows:
-        raise ValueError(f"{task} {split} in {root}: no rows")
+        raise ValueError(f"{task} {split} in {Path(data_dir)}: no rows")
     return _unique_ids(out)
 
 
@@ -250,11 +254,5 @@ def load_hub(task: str, split: str, *, subjects: list[str] | None = None, bad_ro
 def source_files(task: str, data_dir: Path, role: str, subjects: list[str] | None = None) -> list[Path]:
     """The release files a task's `train` or `eval` rows are read from (eval includes the
     split its few-shot exemplars come from)."""
-    splits = {"train": ["val" if task == "mmlu" else "train"],
-              "eval": [EVAL_SPLIT[task], FEWSHOT_SPLIT[task]]}[role]
-    root = Path(data_dir)
-    if task == "mmlu":
-        return [root / "mmlu" / s / f"{subject}_{s}.csv" for s in splits
-                for subject in (subjects or mmlu_subjects(root, s))]
-    suffix = ".tsv" if task == "sst2" else ".jsonl"
-    return [root / task / f"{s}{suffix}" for s in splits]
+    splits = {"train": [TRAIN_SPLIT[task]], "eval": [EVAL_SPLIT[task], FEWSHOT_SPLIT[task]]}[role]
+    return [path for s in splits for path, _ in split_files(task, data_dir, s, subjects)]

@@ -209,7 +209,7 @@ def load_task_splits(task: str, cfg: DataConfig) -> TaskSplits:
             return real.load_local(task, Path(cfg.dir), split, subjects=cfg.subjects, bad_rows=cfg.bad_rows)
         return real.load_hub(task, split, subjects=cfg.subjects, bad_rows=cfg.bad_rows)
 
-    train_split = "val" if task == "mmlu" else "train"  # MMLU has no train split: its val
+    train_split = real.TRAIN_SPLIT[task]
     loaded = {s: load(s) for s in {train_split, real.EVAL_SPLIT[task], real.FEWSHOT_SPLIT[task]}}
     pool = real.fewshot_pool(task, loaded[real.FEWSHOT_SPLIT[task]].rows, cfg.fewshot_pool_size)
     pool_ids = {r["id"] for r in pool}
