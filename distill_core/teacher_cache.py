@@ -169,7 +169,8 @@ class TeacherSignals:
         chunk_start = torch.cumsum(n_chunks, 0) - n_chunks
         # Query slots [B, Q]: the last token of every kept chunk (-1 pads the slots).
         query_row = rows.repeat_interleave(n_queries)
-        query_slot = torch.arange(len(queries)) - (torch.cumsum(n_queries, 0) - n_queries)[query_row]
+        query_start = torch.cumsum(n_queries, 0) - n_queries
+        query_slot = torch.arange(len(queries)) - query_start[query_row]
         query_pos = torch.full((b, max(1, int(n_queries.max()))), -1, dtype=torch.long)
         query_pos[query_row, query_slot] = ends[chunk_start[query_row] + queries]
         mask = real.long().to(dev)
@@ -184,14 +185,15 @@ class TeacherSignals:
         starts = torch.zeros(b, t + 1, dtype=torch.long)
         starts[chunk_row, ends + 1] = 1
         token_chunk = torch.cumsum(starts[:, :t], 1).to(dev)                     # [B, T]
-        probs = captured["probs"][query_row.to(dev), :, query_slot.to(dev)]      # [N, H, T]
+        query_row_dev = query_row.to(dev)
+        probs = captured["probs"][query_row_dev, :, query_slot.to(dev)]          # [N, H, T]
         heads = probs.shape[1]
         per_chunk = torch.zeros(len(queries), heads, int(n_chunks.max()) + 1, device=dev)
-        per_chunk.scatter_add_(2, token_chunk[query_row.to(dev)][:, None, :].expand_as(probs), probs)
-        q_start = (torch.cumsum(n_queries, 0) - n_queries).tolist()
+        per_chunk.scatter_add_(2, token_chunk[query_row_dev][:, None, :].expand_as(probs), probs)
         attention = torch.cat([  # each row's [H, Q, C], flattened
             per_chunk[s:s + q, :, :c].transpose(0, 1).reshape(-1)
-            for s, q, c in zip(q_start, n_queries.tolist(), n_chunks.tolist())]) if len(queries) else torch.zeros(0)
+            for s, q, c in zip(query_start.tolist(), n_queries.tolist(), n_chunks.tolist())]) \
+            if len(queries) else torch.zeros(0)
         d = at_ends.shape[-1]
         columns = {name: batch[name] for name in ALIGNED_SCHEMA.names if name != "teacher_ids"}
         columns["hidden"] = _binary_rows(at_ends.reshape(-1), n_chunks * d)
@@ -259,28 +261,20 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
         save_file({"teacher_to_student": mapping}, str(tmp / VOCABULARY_MAP))
         manifest = {"format": CACHE_FORMAT, "rows": rows, "files": [f.name for f in files],
                     "bytes": sum(f.stat().st_size for f in files),
-                    "tokens": int(_column_sum(files, "n_tokens")),
-                    "teacher_tokens": int(_column_sum(files, "teacher_n_tokens")),
-                    "chunks": int(_list_lengths(files, "student_chunk_ends")),
+                    # The rows written are `aligned`'s (counted above): no second read.
+                    "tokens": int(pc.sum(aligned["n_tokens"]).as_py() or 0),
+                    "teacher_tokens": int(pc.sum(aligned["teacher_n_tokens"]).as_py() or 0),
+                    "chunks": int(pc.sum(pc.list_value_length(aligned["student_chunk_ends"])).as_py() or 0),
                     "vocabulary_map_coverage": round(float((mapping >= 0).float().mean()), 4),
                     "estimate": estimate, "identity": identity}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
 
 
-def _list_lengths(files: list[Path], column: str) -> int:
-    return sum(int(pc.sum(pc.list_value_length(pq.read_table(f, columns=[column]).column(0))).as_py() or 0)
-               for f in files)
-
-
 def read_vocabulary_map(cache_dir: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
     return load_file(str(Path(cache_dir) / VOCABULARY_MAP))["teacher_to_student"]
-
-
-def _column_sum(files: list[Path], column: str) -> int:
-    return sum(int(pq.read_table(f, columns=[column]).column(0).to_numpy().sum()) for f in files)
 
 
 def complete_manifest(cache_dir: Path) -> dict | None:
