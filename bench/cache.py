@@ -31,7 +31,7 @@ import torch
 
 from distill_core.config import TASKS, load_config
 from distill_core.encoding import pad_batch
-from distill_core.models import init_model, load_causal_lm
+from distill_core.models import init_model
 from distill_core.tasks import generate_task
 from distill_core.teacher_cache import (TeacherSignals, aligned_rows, build_teacher_cache,
                                         training_contexts)
@@ -64,7 +64,9 @@ def main() -> None:
         aligned = aligned_rows(contexts, student_tok, tok, cfg.max_length, cfg.cache.attention_queries)
         align_s = time.perf_counter() - start
 
-        teacher = load_causal_lm(teacher_dir)
+        # One teacher for both measurements: the actor's own, as TeacherSignals loads it.
+        signals = TeacherSignals(str(teacher_dir), logits=cfg.cache.logits, top_k=cfg.cache.top_k)
+        teacher = signals.teacher
         torch.set_num_threads(cfg.cache.actors)
         encoded = aligned.column("teacher_ids").to_pylist()
         tokens = sum(len(e) for e in encoded)  # the teacher's tokens: what its forward costs
@@ -77,13 +79,12 @@ def main() -> None:
         # The actors' per-batch work against the bare forward, both on one thread in this
         # process: what the hook, the gathers and the Arrow output add to each batch.
         torch.set_num_threads(1)
-        signals = TeacherSignals(str(teacher_dir), logits=cfg.cache.logits, top_k=cfg.cache.top_k)
         timed = {"bare": 0.0, "signals": 0.0}
         with torch.inference_mode():
             for i in range(0, len(encoded), cfg.cache.batch_size):
                 ids, mask = pad_batch(encoded[i:i + cfg.cache.batch_size], tok.pad_token_id)
                 start = time.perf_counter()
-                signals.teacher.model(input_ids=ids, attention_mask=mask)
+                teacher.model(input_ids=ids, attention_mask=mask)
                 timed["bare"] += time.perf_counter() - start
                 start = time.perf_counter()
                 signals(aligned.slice(i, cfg.cache.batch_size))
@@ -101,7 +102,8 @@ def main() -> None:
         cache_s = time.perf_counter() - start
         # The build's fixed start-up: as many actors as the pool, each loading the teacher, at once.
         start = time.perf_counter()
-        loaders = [TeacherLoader.remote(str(teacher_dir)) for _ in range(cfg.cache.actors)]
+        loader = ray.remote(num_cpus=1)(TeacherLoader)
+        loaders = [loader.remote(str(teacher_dir)) for _ in range(cfg.cache.actors)]
         ray.get([a.ready.remote() for a in loaders])
         actor_start_s = time.perf_counter() - start
         ray.shutdown()
@@ -143,7 +145,4 @@ class TeacherLoader:
 
 
 if __name__ == "__main__":
-    import ray
-
-    TeacherLoader = ray.remote(num_cpus=1)(TeacherLoader)
     main()
