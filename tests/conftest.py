@@ -58,8 +58,9 @@ def build_cache():
     from distill_core.models import load_tokenizer
     from distill_core.teacher_cache import aligned_rows, build_teacher_cache, training_contexts
 
-    def build(rows, out, teacher_dir, *, attention_queries="answer", **settings):
-        student_dir = teacher_dir / "student_tokenizer"
+    def build(rows, out, teacher_dir, *, attention_queries="answer", student_tokenizer_dir=None,
+              **settings):
+        student_dir = student_tokenizer_dir or teacher_dir / "student_tokenizer"
         aligned = aligned_rows(training_contexts(rows), load_tokenizer(student_dir),
                                load_tokenizer(teacher_dir), 256, attention_queries)
         args = dict(batch_size=16, actors=2, num_gpus_per_actor=0, identity={"test": 1})

@@ -11,18 +11,8 @@ from distill_core.cross_vocab import VocabularyBridge
 from distill_core.losses import L_KD, L_align_attn, L_align_hidden, L_task
 from distill_core.models import load_lm_head, load_tokenizer
 from distill_core.objective import LossWeights, distillation_loss
-from distill_core.teacher_cache import (aligned_rows, build_teacher_cache, read_vocabulary_map,
-                                        training_contexts)
+from distill_core.teacher_cache import read_vocabulary_map
 from distill_core.training import CacheData, build_student
-
-
-def _cache(root, rows, teacher_dir, student_tokenizer_dir, queries):
-    aligned = aligned_rows(training_contexts(rows), load_tokenizer(student_tokenizer_dir),
-                           load_tokenizer(teacher_dir), 256, queries)
-    build_teacher_cache(aligned, root, teacher_dir=str(teacher_dir),
-                        student_tokenizer_dir=str(student_tokenizer_dir), batch_size=16, actors=1,
-                        num_gpus_per_actor=0, identity={})
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +33,10 @@ def _setup(tiny_config, teacher_dir, cache_dir, tokenizer_dir):
 
 @pytest.mark.parametrize("queries", ["all", "answer"])
 def test_identical_tokenizers_give_exactly_the_plain_losses(tmp_path, ray_local, tiny_config,
-                                                            tiny_teacher_dir, rows, queries):
-    cache = _cache(tmp_path / "same", rows, tiny_teacher_dir, tiny_teacher_dir, queries)
+                                                            tiny_teacher_dir, rows, queries, build_cache):
+    cache = tmp_path / "same"
+    build_cache(rows, cache, tiny_teacher_dir, attention_queries=queries,
+                student_tokenizer_dir=tiny_teacher_dir, actors=1)
     data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache, tiny_teacher_dir)
     assert vocab.same
     head = load_lm_head(tiny_teacher_dir)
@@ -83,11 +75,11 @@ def test_identical_tokenizers_give_exactly_the_plain_losses(tmp_path, ray_local,
                           attention_heads="mean", attention_loss="kl")),
 ])
 def test_different_tokenizers_give_terms_that_train(tmp_path_factory, ray_local, tiny_config,
-                                                    tiny_teacher_dir, rows, term, weights):
+                                                    tiny_teacher_dir, rows, term, weights, build_cache):
     student_tok = tiny_teacher_dir / "student_tokenizer"
     cache = tmp_path_factory.getbasetemp() / "cross-cache"
     if not cache.exists():
-        _cache(cache, rows, tiny_teacher_dir, student_tok, "answer")
+        build_cache(rows, cache, tiny_teacher_dir, actors=1)
     data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache, student_tok)
     assert not vocab.same and vocab.teacher_vocab != vocab.student_vocab
     head = load_lm_head(tiny_teacher_dir)
@@ -108,11 +100,12 @@ def test_different_tokenizers_give_terms_that_train(tmp_path_factory, ray_local,
 
 
 def test_unweighted_attention_can_be_skipped_without_changing_the_loss(tmp_path_factory, ray_local,
-                                                                      tiny_config, tiny_teacher_dir, rows):
+                                                                      tiny_config, tiny_teacher_dir, rows,
+                                                                      build_cache):
     student_tok = tiny_teacher_dir / "student_tokenizer"
     cache = tmp_path_factory.getbasetemp() / "cross-cache"
     if not cache.exists():
-        _cache(cache, rows, tiny_teacher_dir, student_tok, "answer")
+        build_cache(rows, cache, tiny_teacher_dir, actors=1)
     data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache, student_tok)
     head = load_lm_head(tiny_teacher_dir)
     batch = data.batch([0, 1, 12])

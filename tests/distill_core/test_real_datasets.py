@@ -114,12 +114,13 @@ def test_hub_records_become_the_same_rows(shared_data):
 
 def test_the_real_preset_samples_disjoint_splits_of_the_configured_sizes(shared_data):
     cfg = load_config("real", {"data.dir": str(shared_data)})
+    splits = {}
     for task in ("sst2", "mmlu", "gsm8k"):
         loaded = load_task_splits(task, cfg.data)
-        s = loaded.splits
+        s = splits[task] = loaded.splits
         assert len(s["train"]) == cfg.data.train_size[task] and len(s["eval"]) == cfg.data.eval_size[task]
         assert not set(s["train"]["id"]) & set(s["fewshot"]["id"])
         assert not set(s["train"]["id"]) & set(s["eval"]["id"]) and loaded.skipped == []
-    assert set(s["train"]["subject"]) == {"math"}
-    mmlu = load_task_splits("mmlu", cfg.data).splits
+    assert set(splits["gsm8k"]["train"]["subject"]) == {"math"}
+    mmlu = splits["mmlu"]
     assert set(mmlu["eval"]["subject"]) <= set(cfg.data.subjects) and len(mmlu["fewshot"]) == 50
