@@ -124,8 +124,9 @@ def shapes_from_hints(cfg: ExperimentConfig) -> dict[str, list[RowShape]]:
 def estimate_preset(cfg: ExperimentConfig) -> dict:
     """`kdbench estimate`: the whole cache of a preset, before anything is built. Tokenizers
     the project trains are trained here as the teacher_model asset trains them (seconds), so
-    the tiny preset's figures are exact shapes; hub models use the preset's declared sizes
-    and `estimate` hints."""
+    the tiny preset's figures are exact shapes, as are those of a preset whose tokenizers are
+    named by local path (paper-shapes); hub models use the preset's declared sizes and
+    `estimate` hints."""
     t = cfg.teacher
     if t.hidden_size is None or t.num_heads is None:
         raise ValueError(f"preset {cfg.name}: teacher.hidden_size and teacher.num_heads are "
@@ -137,15 +138,15 @@ def estimate_preset(cfg: ExperimentConfig) -> dict:
 
     from distill_core.tasks import load_task
     from distill_core.teacher_cache import training_contexts
-    from distill_core.tokenizer_training import train_tokenizer
+    from distill_core.tokenizer_training import model_tokenizer
 
     train = {task: load_task(task, cfg.data)["train"] for task in TASKS}
     contexts = training_contexts(pd.concat(list(train.values()), ignore_index=True))
     texts = list(contexts["context"] + contexts["answer"])
-    teacher_tok = train_tokenizer(t.tokenizer, texts)
-    student_tok = train_tokenizer(cfg.student.tokenizer, texts)
+    teacher_tok = model_tokenizer(t, texts)
+    student_tok = model_tokenizer(cfg.student, texts)
     shapes = {task: shapes_from_rows(training_contexts(rows), student_tok, teacher_tok,
                                      cfg.max_length, cfg.cache.attention_queries)
               for task, rows in train.items()}
     return estimate(shapes, t.hidden_size, t.num_heads, cfg.cache,
-                    "exact shapes (both tokenizers trained and rows aligned)")
+                    "exact shapes (both tokenizers trained or loaded, rows aligned)")

@@ -12,11 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-TASKS = ("sst2", "mmlu", "gsm8k")
-GROUPS = ("black_box", "hidden_state", "attention", "combined")  # the study's groups
-# task_only: L_task alone, no teacher: the control that says whether distillation helped at all.
-CONTROL_GROUPS = ("task_only",)
-ALL_GROUPS = GROUPS + CONTROL_GROUPS
+from distill_core.study_design import ALL_GROUPS, CONTROL_GROUPS, GROUPS, TASKS  # noqa: F401
+
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 Task = Literal["sst2", "mmlu", "gsm8k"]
@@ -89,12 +86,19 @@ class TokenizerConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """A Llama-architecture model: built from these sizes, or loaded from `hub_id`."""
+    """A Llama-architecture model: built from these sizes, or loaded from `hub_id`.
+
+    source `train`: trained in the graph (the tiny teacher); `init`: random weights from
+    `seed` (students; a teacher only where shapes are the point, as paper-shapes: a random
+    teacher teaches nothing); `hub`: a pinned hub id or a local HF dir."""
 
     source: Literal["train", "init", "hub"]
     hub_id: str | None = None
     revision: str | None = None
-    tokenizer: TokenizerConfig | None = None  # train/init: the one to train; hub: its own
+    tokenizer: TokenizerConfig | None = None  # train/init: a tokenizer to train here ...
+    # ... or one to load: a hub id or a local HF tokenizer folder (for hub models: instead of
+    # the model's own, e.g. a local copy of it).
+    tokenizer_from: str | None = Field(None, min_length=1)
     hidden_size: int | None = Field(None, ge=8)
     num_layers: int | None = Field(None, ge=1)
     num_heads: int | None = Field(None, ge=1)
@@ -114,10 +118,12 @@ class ModelConfig(_Strict):
             if not self.hub_id:
                 raise ValueError("source 'hub' needs hub_id (e.g. meta-llama/Meta-Llama-3-8B)")
             if self.tokenizer is not None:
-                raise ValueError("source 'hub' uses the hub model's own tokenizer: drop tokenizer")
+                raise ValueError("source 'hub' uses the hub model's own tokenizer (or tokenizer_from): "
+                                 "drop tokenizer")
             return self
-        if self.tokenizer is None:
-            raise ValueError(f"source '{self.source}' needs tokenizer (kind, vocab_size) to train")
+        if (self.tokenizer is None) == (self.tokenizer_from is None):
+            raise ValueError(f"source '{self.source}' needs one of tokenizer (kind, vocab_size: one to "
+                             "train) or tokenizer_from (a hub id or a local tokenizer folder)")
         sizes = ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size")
         missing = [s for s in sizes if getattr(self, s) is None]
         if missing:
@@ -130,7 +136,11 @@ class ModelConfig(_Strict):
 
 
 class CacheConfig(_Strict):
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # rows a Ray Data batch hands one actor
+    # At most this many (padded) teacher tokens in one forward: the actor splits its batch,
+    # shortest rows together, so long and short rows both fill the device. None: the whole
+    # batch in one forward.
+    batch_tokens: int | None = Field(None, ge=16)
     actors: int = Field(1, ge=1)
     num_gpus_per_actor: float = Field(0, ge=0)
     attention_queries: Literal["answer", "all"] = "answer"
@@ -167,6 +177,9 @@ class DistillConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     report_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    # Recompute each student layer's activations in the backward pass instead of keeping them
+    # (memory for time); the final-layer attention hook captures the first forward only.
+    gradient_checkpointing: bool = False
     resources_per_trial: dict[str, float] = Field(default_factory=lambda: {"cpu": 1})
 
     @field_validator("groups")
@@ -188,18 +201,33 @@ class DistillConfig(_Strict):
 
     @field_validator("resources_per_trial")
     @classmethod
-    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
-        unknown = set(v) - {"cpu", "gpu"}
-        if unknown:
-            raise ValueError(f"resources_per_trial keys must be cpu/gpu, got {sorted(unknown)}")
-        if any(n < 0 for n in v.values()) or v.get("cpu", 1) <= 0:
-            raise ValueError(f"resources_per_trial needs cpu > 0 and gpu >= 0, got {v}")
-        return v
+    def _resources(cls, v: dict[str, float], info) -> dict[str, float]:
+        return _resources(v, info.field_name)
+
+
+def _resources(v: dict[str, float], field: str) -> dict[str, float]:
+    """Ray resources of one trial or one model's evaluation: cpu > 0, gpu >= 0."""
+    unknown = set(v) - {"cpu", "gpu"}
+    if unknown:
+        raise ValueError(f"{field} keys must be cpu/gpu, got {sorted(unknown)}")
+    if any(n < 0 for n in v.values()) or v.get("cpu", 1) <= 0:
+        raise ValueError(f"{field} needs cpu > 0 and gpu >= 0, got {v}")
+    return v
 
 
 class EvalConfig(_Strict):
     max_new_tokens: int = Field(32, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # at most this many rows in one forward
+    # ... and at most this many padded tokens (generation: prompt + max_new_tokens), rows of
+    # like length together. None: batches of batch_size rows in the rows' order.
+    batch_tokens: int | None = Field(None, ge=16)
+    # Ray resources of one model's evaluation (a Ray task each; the models spread over them).
+    resources_per_model: dict[str, float] = Field(default_factory=lambda: {"cpu": 1})
+
+    @field_validator("resources_per_model")
+    @classmethod
+    def _resources(cls, v: dict[str, float], info) -> dict[str, float]:
+        return _resources(v, info.field_name)
 
 
 class EstimateConfig(_Strict):
@@ -222,6 +250,11 @@ class ExperimentConfig(_Strict):
     teacher: ModelConfig
     student: ModelConfig
     max_length: int = Field(256, ge=16)
+    # Every model run (the teacher's training, the cache actors, the trials, the evaluation):
+    # fp32; or bf16, autocast to bfloat16 with fp32 master weights and optimizer state for
+    # what trains, and frozen models (the teacher and its lm_head, models under evaluation)
+    # held in bfloat16. A GPU Ray gives a worker is used in either.
+    precision: Literal["fp32", "bf16"] = "fp32"
     cache: CacheConfig = CacheConfig()
     distill: DistillConfig = DistillConfig()
     eval: EvalConfig = EvalConfig()
@@ -230,8 +263,6 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _pair(self) -> "ExperimentConfig":
         t, s = self.teacher, self.student
-        if t.source == "init":
-            raise ValueError("teacher.source must be 'train' or 'hub': an untrained teacher teaches nothing")
         if s.source == "train":
             raise ValueError("student.source must be 'init' or 'hub': students are trained by the grid")
         if (self.distill.attention_heads == "per_head" and t.num_heads and s.num_heads

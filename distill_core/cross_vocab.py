@@ -71,11 +71,18 @@ def project_to_student(teacher_probs: torch.Tensor, mapping: torch.Tensor,
                        student_vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     """teacher_probs [N, V_teacher] -> (probs over the student vocabulary [N, V_student],
     the unmappable mass [N] that was renormalized away)."""
-    mappable = mapping >= 0
-    kept = teacher_probs[:, mappable]
+    mapping = mapping.to(teacher_probs.device)
+    mappable = torch.nonzero(mapping >= 0).squeeze(-1)
+    return _project(teacher_probs, mappable, mapping[mappable], student_vocab)
+
+
+def _project(teacher_probs, mappable, targets, student_vocab):
+    """project_to_student given the mappable teacher ids and their student ids (index lists:
+    no boolean mask, so nothing waits on the device)."""
+    kept = teacher_probs.index_select(1, mappable)
     out = torch.zeros(teacher_probs.shape[0], student_vocab, dtype=teacher_probs.dtype,
                       device=teacher_probs.device)
-    out.index_add_(1, mapping[mappable].to(teacher_probs.device), kept)
+    out.index_add_(1, targets, kept)
     mass = out.sum(-1, keepdim=True)
     return out / mass.clamp_min(1e-12), 1.0 - mass.squeeze(-1)
 
@@ -101,6 +108,13 @@ class VocabularyBridge:
         mapped = self.mapping >= 0
         self.same = (len(mapping) == student_vocab and bool(mapped.any())
                      and bool((self.mapping[mapped] == torch.nonzero(mapped).squeeze(-1)).all()))
+        self._mappable = torch.nonzero(mapped).squeeze(-1)
+        self._targets = self.mapping[self._mappable]
+
+    def to(self, device: torch.device) -> "VocabularyBridge":
+        """The map's index tensors on `device` (where the trial's logits are)."""
+        self._mappable, self._targets = self._mappable.to(device), self._targets.to(device)
+        return self
 
     @property
     def teacher_vocab(self) -> int:
@@ -108,11 +122,11 @@ class VocabularyBridge:
 
     def to_student(self, teacher_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[N, V_teacher] -> (target over the student's vocabulary, unmappable mass [N])."""
-        return project_to_student(teacher_probs, self.mapping, self.student_vocab)
+        return _project(teacher_probs, self._mappable, self._targets, self.student_vocab)
 
     def topk_probs(self, ids: torch.Tensor, logprobs: torch.Tensor, temperature: float) -> torch.Tensor:
         """The teacher distribution [N, V_teacher] that top-k log-probabilities [N, k] give at
         `temperature`: renormalized over the k tokens (truncation puts the tail's mass on them)."""
         probs = torch.softmax(logprobs.float() / temperature, -1)
-        dense = torch.zeros(ids.shape[0], self.teacher_vocab)
+        dense = probs.new_zeros(ids.shape[0], self.teacher_vocab)
         return dense.scatter_add_(1, ids.long(), probs)

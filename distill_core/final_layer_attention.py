@@ -6,6 +6,10 @@ last layer's `self_attn` recomputes softmax(Q K^T / sqrt(d) + mask) from that la
 inputs: exact (the same projections and rotary embedding as the layer), differentiable, and the
 extra work is one layer's Q/K projections and score matrix. Given the query positions that are
 wanted (the teacher cache keeps a few rows a sequence), only those rows are computed.
+
+Under gradient checkpointing the last layer runs a second time in the backward pass, hook
+included; the rerun restores what the backward of the first forward's probabilities needs
+(torch's non-reentrant checkpoint), so the hook keeps the first forward's capture.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from contextlib import contextmanager
 
 import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv, rotate_half
+
+from distill_core.device import without_autocast
 
 
 def attention_probabilities(attn, hidden_states, position_embeddings, attention_mask,
@@ -42,11 +48,12 @@ def attention_probabilities(attn, hidden_states, position_embeddings, attention_
         q = q * cos_q + rotate_half(q) * sin_q  # apply_rotary_pos_emb, at the queries' positions
         k = k * cos.unsqueeze(1) + rotate_half(k) * sin.unsqueeze(1)
     k = repeat_kv(k, attn.num_key_value_groups)
-    scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * attn.scaling  # [B, H, Q, T]
-    keys = torch.arange(t, device=scores.device)
-    allowed = (keys[None, None, :] <= positions[:, :, None]) & attention_mask.bool()[:, None, :]
-    scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
-    return torch.softmax(scores, dim=-1)
+    with without_autocast(hidden_states.device.type):  # float32 under bf16 too
+        scores = torch.matmul(q.float(), k.float().transpose(2, 3)) * attn.scaling  # [B, H, Q, T]
+        keys = torch.arange(t, device=scores.device)
+        allowed = (keys[None, None, :] <= positions[:, :, None]) & attention_mask.bool()[:, None, :]
+        scores = scores.masked_fill(~allowed[:, None], torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1)
 
 
 @contextmanager
@@ -58,8 +65,9 @@ def capture_final_attention(model, attention_mask, query_positions=None):
 
     def hook(module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        store["probs"] = attention_probabilities(module, hidden, kwargs["position_embeddings"],
-                                                 attention_mask, query_positions)
+        probs = attention_probabilities(module, hidden, kwargs["position_embeddings"],
+                                        attention_mask, query_positions)
+        store.setdefault("probs", probs)  # a checkpointed rerun computes, but does not capture
 
     handle = attn.register_forward_hook(hook, with_kwargs=True)
     try:

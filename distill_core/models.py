@@ -6,11 +6,13 @@ Loading is safetensors-only and never runs remote code: a checkpoint is data, no
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from distill_core.config import ModelConfig
+if TYPE_CHECKING:
+    from distill_core.config import ModelConfig
 
 
 def llama_config(cfg: ModelConfig, tokenizer, max_length: int) -> LlamaConfig:
@@ -30,18 +32,25 @@ def llama_config(cfg: ModelConfig, tokenizer, max_length: int) -> LlamaConfig:
     )
 
 
-def init_model(cfg: ModelConfig, tokenizer, max_length: int, seed: int) -> LlamaForCausalLM:
-    """A freshly initialised model; the same seed gives the same weights."""
+def init_model(cfg: ModelConfig, tokenizer, max_length: int, seed: int,
+               dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A freshly initialised model; the same seed gives the same weights. Built in `dtype`
+    directly (a full-width model in float32 first would need twice the memory)."""
     generator_state = torch.random.get_rng_state()
+    default_dtype = torch.get_default_dtype()
     torch.manual_seed(seed)
     try:
-        return LlamaForCausalLM(llama_config(cfg, tokenizer, max_length)).float()
+        torch.set_default_dtype(dtype)
+        return LlamaForCausalLM(llama_config(cfg, tokenizer, max_length)).to(dtype)
     finally:
+        torch.set_default_dtype(default_dtype)
         torch.random.set_rng_state(generator_state)
 
 
-def load_causal_lm(source: str | Path, revision: str | None = None, dtype=torch.float32):
-    """An HF causal LM from a local dir or hub id, safetensors only."""
+def load_causal_lm(source: str | Path, revision: str | None = None, dtype=torch.float32,
+                   device: torch.device | str = "cpu"):
+    """An HF causal LM from a local dir or hub id, safetensors only, in `dtype` on `device`
+    (read into host memory, then moved: placing it straight on a GPU needs `accelerate`)."""
     path = Path(source)
     if path.exists() and not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no *.safetensors weights in this model directory")
@@ -52,7 +61,7 @@ def load_causal_lm(source: str | Path, revision: str | None = None, dtype=torch.
     if model.config.model_type != "llama":  # the final-layer attention hook is Llama's
         raise ValueError(f"{source}: a {model.config.model_type!r} model; kdbench needs a "
                          "Llama-architecture causal LM")
-    return model.eval()
+    return model.to(device).eval()
 
 
 def _require_fast(tok, source):
@@ -72,9 +81,11 @@ def load_tokenizer(source: str | Path, revision: str | None = None):
 
 
 
-def load_lm_head(model_dir: str | Path) -> torch.nn.Linear:
+def load_lm_head(model_dir: str | Path, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu") -> torch.nn.Linear:
     """Only the output projection of a saved model (for rebuilding its logits from cached
-    hidden states), read from its safetensors without loading the rest."""
+    hidden states), read from its safetensors without loading the rest, frozen, in `dtype` on
+    `device`."""
     import json
 
     from safetensors import safe_open
@@ -85,8 +96,9 @@ def load_lm_head(model_dir: str | Path) -> torch.nn.Linear:
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as f:
             if key in f.keys():
-                weight = f.get_tensor(key).float()
-                head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
-                head.weight.data.copy_(weight)
-                return head.requires_grad_(False).eval()
+                weight = f.get_tensor(key).to(dtype)
+                head = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False,
+                                       device="meta", dtype=dtype)
+                head.weight = torch.nn.Parameter(weight, requires_grad=False)
+                return head.to(device).eval()
     raise FileNotFoundError(f"{model_dir}: no {key} in its safetensors files")

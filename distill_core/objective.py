@@ -10,12 +10,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 
-from distill_core.config import ALL_GROUPS, DistillConfig
+from distill_core.study_design import ALL_GROUPS
+
+if TYPE_CHECKING:
+    from distill_core.config import DistillConfig
 from distill_core.cross_vocab import VocabularyBridge
+from distill_core.device import pin, to_device, without_autocast
 from distill_core.losses import L_KD, L_KD_across_vocab, L_align_attn, L_align_hidden, L_task
 
 
@@ -68,15 +73,27 @@ class Batch:
     teacher_topk_ids: torch.Tensor | None = None       # [B, C, k] (cache.logits = topk)
     teacher_topk_logprobs: torch.Tensor | None = None  # [B, C, k]
 
+    def _map(self, fn) -> "Batch":
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)})
+
+    def pin(self, device: torch.device) -> "Batch":
+        """In page-locked memory when bound for a GPU (see device.pin)."""
+        return self._map(lambda t: pin(t, device))
+
+    def to(self, device: torch.device) -> "Batch":
+        return self._map(lambda t: to_device(t, device))
+
 
 def distillation_loss(student, teacher_lm_head: torch.nn.Module | None, batch: Batch,
                       w: LossWeights, vocab: VocabularyBridge,
-                      measure_all: bool = True) -> tuple[torch.Tensor, dict[str, float]]:
-    """Total loss and each term's value. Every term is computed, so every group logs the same
-    four quantities (how far black_box drifts from the teacher's attention is a finding too);
-    only the weighted ones reach the gradient. With `measure_all` False an unweighted
-    L_align_attn is skipped: the attention hook is ~25% of a tiny student's step, and a trial
-    measures the term on the steps it reports instead."""
+                      measure_all: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and each term's value (detached 0-dim tensors on the batch's device: read
+    them together with `measured`, one device sync). Every term is computed, so every group
+    logs the same four quantities (how far black_box drifts from the teacher's attention is a
+    finding too); only the weighted ones reach the gradient. With `measure_all` False an
+    unweighted L_align_attn is skipped: the attention hook is ~25% of a tiny student's step,
+    and a trial measures the term on the steps it reports instead. Every tensor made here is
+    made on the batch's device."""
     with_attention = measure_all or w.gamma_attn > 0
     out = student(batch.input_ids, batch.attention_mask, with_attention=with_attention)
     # L_task on the student's own answer tokens; the vocabulary projection only where needed.
@@ -95,14 +112,20 @@ def distillation_loss(student, teacher_lm_head: torch.nn.Module | None, batch: B
     weighted = {"L_task": w.alpha_task, "L_KD": w.beta_kd, "L_align_hidden": w.gamma_hidden,
                 "L_align_attn": w.gamma_attn}
     total = sum(weight * terms[name] for name, weight in weighted.items() if weight > 0)
-    return total, {**{k: float(v.detach()) for k, v in terms.items()}, **extra}
+    return total, {**{k: v.detach() for k, v in terms.items()}, **extra}
+
+
+def measured(loss: torch.Tensor, terms: dict[str, torch.Tensor]) -> dict[str, float]:
+    """`loss` and `terms` as Python floats, read from the device at once."""
+    values = torch.stack([loss.detach().float(), *(v.float() for v in terms.values())]).tolist()
+    return dict(zip(["loss", *terms], values))
 
 
 def _kd_term(student_logits, teacher_lm_head, batch: Batch, at, w: LossWeights,
-             vocab: VocabularyBridge) -> tuple[torch.Tensor, dict[str, float]]:
+             vocab: VocabularyBridge) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """L_KD at the N distilled chunk ends: student_logits [N, V_student]. The teacher's side
     is a constant target (no gradient); the student's carries the gradient."""
-    ones = torch.ones(student_logits.shape[0])
+    ones = student_logits.new_ones(student_logits.shape[0])
     with torch.no_grad():
         teacher_logits = teacher_probs = None
         if batch.teacher_topk_ids is None:
@@ -118,7 +141,7 @@ def _kd_term(student_logits, teacher_lm_head, batch: Batch, at, w: LossWeights,
     if teacher_probs is None:  # one vocabulary, exact logits: the plain KL
         return L_KD(student_logits[None], teacher_logits[None], ones[None], w.temperature), {}
     if mapped:
-        extra = {"kd_unmapped_mass": float(unmapped.mean()) if len(unmapped) else 0.0}
+        extra = {"kd_unmapped_mass": unmapped.mean() if len(unmapped) else ones.new_zeros(())}
         return L_KD_across_vocab(student_logits, target, ones, w.temperature, "map"), extra
     return L_KD_across_vocab(student_logits, teacher_probs, ones, w.temperature, "uld"), {}
 
@@ -134,8 +157,11 @@ def _attention_term(student_attention: torch.Tensor, batch: Batch, w: LossWeight
     rows = student_attention.gather(2, q_token[:, None, :, None].expand(b, h, q_token.shape[1], t))
     member = torch.nn.functional.one_hot(batch.token_chunk.clamp_min(0), c).float()
     member = member * (batch.token_chunk >= 0)[..., None]           # [B, T, C]
-    student_rows = rows @ member[:, None]                           # [B, H, Q, C]
+    # Sums of probabilities: in float32 even under bf16 autocast.
+    with without_autocast(student_attention.device.type):
+        student_rows = rows.float() @ member[:, None]               # [B, H, Q, C]
     # Key chunks up to the query's own (causal); those are real chunks of the row.
-    pair_mask = valid_query[:, :, None] & (torch.arange(c)[None, None, :] <= q_chunk[:, :, None])
+    chunks = torch.arange(c, device=q_chunk.device)
+    pair_mask = valid_query[:, :, None] & (chunks[None, None, :] <= q_chunk[:, :, None])
     return L_align_attn(student_rows, batch.teacher_attention, pair_mask,
                         heads=w.attention_heads, kind=w.attention_loss)

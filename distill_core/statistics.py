@@ -20,7 +20,7 @@ import pandas as pd
 import pingouin as pg
 from scipy import stats
 
-from distill_core.config import ALL_GROUPS
+from distill_core.study_design import ALL_GROUPS
 
 ALPHA = 0.05
 POWER = 0.8

@@ -26,14 +26,25 @@ class DistillationStudent(nn.Module):
         self.model = model
         self.hidden_state_projector = nn.Linear(model.config.hidden_size, d_teacher)
 
+    def enable_gradient_checkpointing(self) -> None:
+        """Every decoder layer recomputed in the backward pass. Non-reentrant: the reentrant
+        variant runs the first forward without autograd, so the attention hook's capture would
+        carry no gradient."""
+        kwargs = {"use_reentrant": False}
+        if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
     def forward(self, input_ids, attention_mask, with_attention: bool = False) -> StudentOutputs:
         """Hidden states (and attention); logits come from `logits`, for the positions a
         loss needs only: the vocabulary projection is the costliest op of a small model."""
+        # No KV cache: nothing generates here, and it would hold every layer's keys and values.
         if not with_attention:
-            out = self.model.model(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return StudentOutputs(out.last_hidden_state, None)
         with capture_final_attention(self.model, attention_mask) as captured:
-            out = self.model.model(input_ids=input_ids, attention_mask=attention_mask)
+            out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return StudentOutputs(out.last_hidden_state, captured["probs"])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

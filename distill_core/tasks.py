@@ -16,12 +16,16 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from typing import TYPE_CHECKING
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
-from distill_core.config import TASKS, DataConfig
+from distill_core.study_design import TASKS
+
+if TYPE_CHECKING:
+    from distill_core.config import DataConfig
 
 SST2_QUESTION = "\nQuestion: Is this sentence positive or negative?\nAnswer:"
 SST2_CHOICES = [" negative", " positive"]

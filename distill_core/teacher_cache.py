@@ -50,7 +50,7 @@ CACHE_SCHEMA = pa.schema([
     ("hidden", pa.binary()), ("topk_ids", pa.list_(pa.int32())), ("topk_logprobs", pa.binary()),
     ("attn_queries", pa.list_(pa.int32())), ("attention", pa.binary()),
 ])
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: an Arrow IPC copy of every shard, for trials to memory-map
 SIGNAL_COLUMNS = ("hidden", "topk_ids", "topk_logprobs", "attention")  # what the teacher adds
 
 
@@ -119,7 +119,7 @@ def aligned_rows(contexts: pd.DataFrame, student_tokenizer, teacher_tokenizer, m
     }, schema=ALIGNED_SCHEMA)
 
 
-def _ragged(column: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
+def ragged_column(column: pa.ChunkedArray | pa.Array) -> tuple[torch.Tensor, torch.Tensor]:
     """A list<int32> column as (flat values, per-row lengths), int64 tensors."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
@@ -139,27 +139,42 @@ def _binary_rows(flat: torch.Tensor, lengths: torch.Tensor) -> pa.Array:
 
 
 class TeacherSignals:
-    """Ray Data callable class: loads the teacher once per actor, then maps batches of aligned
-    rows (ALIGNED_SCHEMA, as Arrow) to cache rows (CACHE_SCHEMA). The whole batch is gathered
-    at once (no loop over tokens): at tiny scale the bookkeeping around the forward pass is
-    what separates the cache build from a bare forward."""
+    """Ray Data callable class: loads the teacher once per actor (on the GPU Ray gave it, if
+    any, in the preset's precision), then maps batches of aligned rows (ALIGNED_SCHEMA, as
+    Arrow) to cache rows (CACHE_SCHEMA). A batch runs in forwards of at most `batch_tokens`
+    padded teacher tokens (rows of like length together); each forward's rows are gathered at
+    once (no loop over tokens): at tiny scale the bookkeeping around the forward pass is what
+    separates the cache build from a bare forward."""
 
     def __init__(self, teacher_dir: str, logits: str = "hidden", top_k: int = 32,
-                 threads: int = 1):
+                 threads: int = 1, precision: str = "fp32", batch_tokens: int | None = None):
+        from distill_core.device import frozen_dtype, prepare, worker_device
         from distill_core.models import load_causal_lm
 
-        torch.set_num_threads(threads)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.teacher = load_causal_lm(teacher_dir).to(self.device)
+        self.device = worker_device()
+        prepare(self.device, threads)
+        self.teacher = load_causal_lm(teacher_dir, dtype=frozen_dtype(precision), device=self.device)
         self.pad_id = self.teacher.config.pad_token_id or 0
         self.top_k = min(top_k, self.teacher.config.vocab_size) if logits == "topk" else 0
+        self.batch_tokens = batch_tokens
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from distill_core.batching import token_batches
+
+        lengths = pc.list_value_length(batch["teacher_ids"]).to_pylist()
+        parts = token_batches(lengths, len(lengths), self.batch_tokens)
+        if len(parts) <= 1:
+            return self.signals(batch)
+        out = pa.concat_tables([self.signals(batch.take(part)) for part in parts])
+        return out.take(np.argsort(np.concatenate(parts), kind="stable"))  # the batch's order
 
     @torch.inference_mode()
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def signals(self, batch: pa.Table) -> pa.Table:
+        """Cache rows of aligned rows, in one teacher forward."""
         dev = self.device
-        token_ids, n_tokens = _ragged(batch["teacher_ids"])
-        ends, n_chunks = _ragged(batch["teacher_chunk_ends"])
-        queries, n_queries = _ragged(batch["attn_queries"])
+        token_ids, n_tokens = ragged_column(batch["teacher_ids"])
+        ends, n_chunks = ragged_column(batch["teacher_chunk_ends"])
+        queries, n_queries = ragged_column(batch["attn_queries"])
         b, t = len(n_tokens), int(n_tokens.max())
         rows = torch.arange(b)
         real = torch.arange(t)[None, :] < n_tokens[:, None]
@@ -224,11 +239,12 @@ def cache_key(**identity) -> str:
 def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
                         student_tokenizer_dir: str, batch_size: int, actors: int,
                         num_gpus_per_actor: float, identity: dict, logits: str = "hidden",
-                        top_k: int = 32, estimate: dict | None = None) -> dict:
+                        top_k: int = 32, estimate: dict | None = None, precision: str = "fp32",
+                        batch_tokens: int | None = None) -> dict:
     """Run the teacher over `aligned` (aligned_rows' table) with Ray Data and write the cache
     to `out_dir`. Returns the manifest. An existing complete cache is reused, not rebuilt. The
     vocabulary map from the teacher's tokens to the student's (for L_KD across vocabularies)
-    is saved beside the shards."""
+    is saved beside the shards, and every shard has an Arrow IPC copy (see arrow_copy)."""
     import ray
     from safetensors.torch import save_file
 
@@ -247,7 +263,8 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
     step = math.ceil(len(aligned) / n_blocks)
     blocks = [aligned.slice(i, step) for i in range(0, len(aligned), step)]
     ds = ray.data.from_arrow(blocks).map_batches(
-        TeacherSignals, fn_constructor_kwargs=dict(teacher_dir=teacher_dir, logits=logits, top_k=top_k),
+        TeacherSignals, fn_constructor_kwargs=dict(teacher_dir=teacher_dir, logits=logits, top_k=top_k,
+                                                   precision=precision, batch_tokens=batch_tokens),
         batch_size=batch_size, batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1, num_gpus=num_gpus_per_actor,
@@ -258,9 +275,12 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         if rows != len(aligned):
             raise RuntimeError(f"teacher cache {out_dir}: wrote {rows} rows for {len(aligned)} inputs")
+        arrow_files = [arrow_copy(f) for f in files]
         save_file({"teacher_to_student": mapping}, str(tmp / VOCABULARY_MAP))
         manifest = {"format": CACHE_FORMAT, "rows": rows, "files": [f.name for f in files],
                     "bytes": sum(f.stat().st_size for f in files),
+                    "arrow_files": [f.name for f in arrow_files],
+                    "arrow_bytes": sum(f.stat().st_size for f in arrow_files),
                     # The rows written are `aligned`'s (counted above): no second read.
                     "tokens": int(pc.sum(aligned["n_tokens"]).as_py() or 0),
                     "teacher_tokens": int(pc.sum(aligned["teacher_n_tokens"]).as_py() or 0),
@@ -269,6 +289,17 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
                     "estimate": estimate, "identity": identity}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
     return manifest
+
+
+def arrow_copy(shard: Path, rows_per_batch: int = 256) -> Path:
+    """The Parquet shard's rows as an uncompressed Arrow IPC file beside it, written a few
+    hundred rows at a time. Trials memory-map these (distill_core.cache_reader): Parquet pages
+    must be decoded into each reader's own memory, IPC buffers are read in place."""
+    out = shard.with_suffix(".arrow")
+    with pa.OSFile(str(out), "wb") as sink, pa.ipc.new_file(sink, CACHE_SCHEMA) as writer:
+        for batch in pq.ParquetFile(shard).iter_batches(batch_size=rows_per_batch):
+            writer.write_batch(batch)
+    return out
 
 
 def read_vocabulary_map(cache_dir: Path) -> torch.Tensor:
@@ -297,44 +328,62 @@ def read_teacher_cache(cache_dir: Path) -> pd.DataFrame:
     return table.sort_values("id", kind="stable").reset_index(drop=True)
 
 
+STRUCTURE_COLUMNS = ["id", "n_tokens", "teacher_n_tokens", "student_chunk_ends",
+                     "teacher_chunk_ends", "attn_queries"]
+
+
+def _read_shard(path: Path, sample_rows: int) -> tuple[pa.Schema, int, dict, dict]:
+    """(schema, rows, the structure columns whole, the signals of the first `sample_rows`
+    rows) of a Parquet shard or of its Arrow IPC copy (memory-mapped)."""
+    signals = ["hidden", "attention"]
+    if path.suffix == ".arrow":
+        table = pa.ipc.open_file(pa.memory_map(str(path), "r")).read_all()
+        if not table.schema.equals(CACHE_SCHEMA):
+            return table.schema, len(table), {}, {}
+        return (table.schema, len(table), table.select(STRUCTURE_COLUMNS).to_pydict(),
+                table.slice(0, sample_rows).select(signals).to_pydict())
+    file = pq.ParquetFile(path)
+    if not file.schema_arrow.equals(CACHE_SCHEMA):
+        return file.schema_arrow, file.metadata.num_rows, {}, {}
+    sample = next(file.iter_batches(batch_size=sample_rows, columns=signals), None)
+    return (file.schema_arrow, file.metadata.num_rows, file.read(columns=STRUCTURE_COLUMNS).to_pydict(),
+            sample.to_pydict() if sample is not None else {"hidden": [], "attention": []})
+
+
 def cache_problems(cache_dir: Path, expected_rows: int, d_teacher: int, heads: int,
                    sample_rows: int = 512) -> list[str]:
-    """What is wrong with a complete cache (empty when nothing): its schema, its row count
-    against its input, every row's alignment covering both token sequences, and on the first
-    `sample_rows` rows of each shard signal sizes that match the chunks and finite signals
+    """What is wrong with a complete cache (empty when nothing): for the Parquet shards and
+    their Arrow IPC copies (what trials read) alike, the schema, the row count against the
+    input, every row's alignment covering both token sequences, and on the first
+    `sample_rows` rows of each file signal sizes that match the chunks and finite signals
     (the actors refuse non-finite teacher outputs; this re-reads what was written). Only the
     small columns are read whole: the signals are nearly all of a cache's bytes."""
     cache_dir = Path(cache_dir)
     manifest = read_manifest(cache_dir)
-    structure = ["id", "n_tokens", "teacher_n_tokens", "student_chunk_ends", "teacher_chunk_ends",
-                 "attn_queries"]
     problems = []
-    rows = 0
-    for name in manifest["files"]:
-        file = pq.ParquetFile(cache_dir / name)
-        if not file.schema_arrow.equals(CACHE_SCHEMA):
-            problems.append(f"{name}: schema {file.schema_arrow} is not CACHE_SCHEMA")
-            continue
-        rows += file.metadata.num_rows
-        table = file.read(columns=structure).to_pydict()
-        sample = next(file.iter_batches(batch_size=sample_rows, columns=["hidden", "attention"]),
-                      None)
-        sample = sample.to_pydict() if sample is not None else {"hidden": [], "attention": []}
-        for i, rid in enumerate(table["id"]):
-            s_ends, t_ends = table["student_chunk_ends"][i], table["teacher_chunk_ends"][i]
-            c, q = len(s_ends), len(table["attn_queries"][i])
-            if len(t_ends) != c or s_ends[-1] != table["n_tokens"][i] - 1 \
-                    or t_ends[-1] != table["teacher_n_tokens"][i] - 1:
-                problems.append(f"{name} row {rid}: chunks do not cover both token sequences")
-            elif i < len(sample["hidden"]):
-                hidden, attention = sample["hidden"][i], sample["attention"][i]
-                if len(hidden) != 2 * c * d_teacher or len(attention) != 2 * heads * q * c:
-                    problems.append(f"{name} row {rid}: signal sizes do not match {c} chunks")
-                elif not (bool(torch.isfinite(bf16_tensor(hidden)).all())
-                          and bool(torch.isfinite(bf16_tensor(attention)).all())):
-                    problems.append(f"{name} row {rid}: non-finite teacher signals")
-            if len(problems) >= 20:
-                return problems + ["(stopped after 20)"]
-    if rows != expected_rows:
-        problems.append(f"{rows} rows for {expected_rows} inputs")
+    for kind in ("files", "arrow_files"):
+        rows = 0
+        for name in manifest.get(kind, []):
+            schema, n, table, sample = _read_shard(cache_dir / name, sample_rows)
+            if not schema.equals(CACHE_SCHEMA):
+                problems.append(f"{name}: schema {schema} is not CACHE_SCHEMA")
+                continue
+            rows += n
+            for i, rid in enumerate(table["id"]):
+                s_ends, t_ends = table["student_chunk_ends"][i], table["teacher_chunk_ends"][i]
+                c, q = len(s_ends), len(table["attn_queries"][i])
+                if len(t_ends) != c or s_ends[-1] != table["n_tokens"][i] - 1 \
+                        or t_ends[-1] != table["teacher_n_tokens"][i] - 1:
+                    problems.append(f"{name} row {rid}: chunks do not cover both token sequences")
+                elif i < len(sample["hidden"]):
+                    hidden, attention = sample["hidden"][i], sample["attention"][i]
+                    if len(hidden) != 2 * c * d_teacher or len(attention) != 2 * heads * q * c:
+                        problems.append(f"{name} row {rid}: signal sizes do not match {c} chunks")
+                    elif not (bool(torch.isfinite(bf16_tensor(hidden)).all())
+                              and bool(torch.isfinite(bf16_tensor(attention)).all())):
+                        problems.append(f"{name} row {rid}: non-finite teacher signals")
+                if len(problems) >= 20:
+                    return problems + ["(stopped after 20)"]
+        if rows != expected_rows:
+            problems.append(f"{kind}: {rows} rows for {expected_rows} inputs")
     return problems

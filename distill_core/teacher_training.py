@@ -17,23 +17,28 @@ import torch
 import torch.nn.functional as F
 
 from distill_core.config import ExperimentConfig
+from distill_core.device import adamw, autocast, frozen_dtype, prepare, worker_device
 from distill_core.encoding import encode_examples, pad_batch
 from distill_core.models import init_model, load_tokenizer
 from distill_core.storage import atomic_directory
 from distill_core.teacher_cache import training_contexts
-from distill_core.tokenizer_training import train_tokenizer
+from distill_core.tokenizer_training import model_tokenizer
 
 
 def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, loss: None):
-    """contexts: DataFrame with id, context, answer (see teacher_cache.training_contexts)."""
+    """contexts: DataFrame with id, context, answer (see teacher_cache.training_contexts).
+    On this process's GPU if it has one, in the preset's precision (float32 master weights
+    under bf16 autocast); the model comes back on the CPU."""
     tcfg = cfg.teacher
-    model = init_model(tcfg, tokenizer, cfg.max_length, seed=tcfg.seed)
+    device = worker_device()
+    prepare(device)
+    model = init_model(tcfg, tokenizer, cfg.max_length, seed=tcfg.seed).to(device)
     encoded = encode_examples(tokenizer, contexts["context"], contexts["answer"], cfg.max_length,
                               contexts["id"])
     generator = torch.Generator().manual_seed(tcfg.seed)
     steps_per_epoch = math.ceil(len(encoded) / tcfg.batch_size)
     total = steps_per_epoch * tcfg.train_epochs
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, weight_decay=0.01)
+    optimizer = adamw(model.parameters(), tcfg.lr, 0.01, device)
     warmup = max(1, total // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total)))
@@ -43,10 +48,11 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, l
         order = torch.randperm(len(encoded), generator=generator).tolist()
         for start in range(0, len(order), tcfg.batch_size):
             chosen = [encoded[i] for i in order[start:start + tcfg.batch_size]]
-            ids, mask = pad_batch([e.input_ids for e in chosen], tokenizer.pad_token_id)
-            answer, _ = pad_batch([e.answer_mask for e in chosen], 0)
-            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
-            ce = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+            ids, mask = (t.to(device) for t in pad_batch([e.input_ids for e in chosen], tokenizer.pad_token_id))
+            answer = pad_batch([e.answer_mask for e in chosen], 0)[0].to(device)
+            with autocast(device, cfg.precision):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            ce = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none")
             is_answer, is_prompt = answer[:, 1:], mask[:, 1:] * (1 - answer[:, 1:])
             loss = ((ce * is_answer).sum() / is_answer.sum().clamp_min(1)
                     + (ce * is_prompt).sum() / is_prompt.sum().clamp_min(1))
@@ -60,14 +66,16 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, l
             if step % 20 == 0 or step == total:
                 log(step, loss_value)
     model.eval()
-    return model, {"steps": step, "final_loss": loss_value}
+    return model.cpu(), {"steps": step, "final_loss": loss_value}
 
 
 def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step, loss: None) -> dict:
     """The teacher_model asset's work: a local HF dir holding the frozen teacher with its
     tokenizer and, under `student_tokenizer/`, the student's tokenizer. tiny: train both
     tokenizers (different families and sizes, as the real pair's) and the teacher on
-    `train_rows` (all tasks); hub: download the pinned revision's safetensors once."""
+    `train_rows` (all tasks); init: a random teacher of the preset's sizes (paper-shapes),
+    held in the preset's precision; hub: download the pinned revision's safetensors once.
+    A tokenizer named by hub id or local path is loaded instead of trained."""
     out_dir = Path(out_dir)
     contexts = training_contexts(pd.concat(train_rows, ignore_index=True))
     texts = list(contexts["context"] + contexts["answer"])
@@ -79,18 +87,22 @@ def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step,
                               allow_patterns=["*.json", "*.safetensors", "tokenizer*"])
             check_declared_sizes(cfg.teacher, tmp / "config.json")
             info = {"source": cfg.teacher.hub_id, "revision": cfg.teacher.revision}
+            if cfg.teacher.tokenizer_from:  # a tokenizer named in the preset replaces the model's own
+                model_tokenizer(cfg.teacher, texts).save_pretrained(tmp)
         else:
-            tokenizer = train_tokenizer(cfg.teacher.tokenizer, texts)
+            tokenizer = model_tokenizer(cfg.teacher, texts)
             started = time.perf_counter()
-            model, info = train_teacher(contexts, tokenizer, cfg, log)
-            info["train_seconds"] = round(time.perf_counter() - started, 1)
+            if cfg.teacher.source == "init":
+                model = init_model(cfg.teacher, tokenizer, cfg.max_length, seed=cfg.teacher.seed,
+                                   dtype=frozen_dtype(cfg.precision))
+                info = {"random_init": True}
+            else:
+                model, info = train_teacher(contexts, tokenizer, cfg, log)
+                info["train_seconds"] = round(time.perf_counter() - started, 1)
             info["parameters"] = sum(p.numel() for p in model.parameters())
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        if cfg.student.source == "hub":
-            student_tokenizer = load_tokenizer(cfg.student.hub_id, cfg.student.revision)
-        else:
-            student_tokenizer = train_tokenizer(cfg.student.tokenizer, texts)
+        student_tokenizer = model_tokenizer(cfg.student, texts)
         student_tokenizer.save_pretrained(tmp / "student_tokenizer")
         info["teacher_vocab"] = len(load_tokenizer(tmp))
         info["student_vocab"] = len(student_tokenizer)

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from distill_core.config import TokenizerConfig
+from distill_core.config import ModelConfig, TokenizerConfig
 
 PAD, BOS, EOS = "<|pad|>", "<|begin_of_text|>", "<|end_of_text|>"
 SP_UNK, SP_BOS, SP_EOS, SP_PAD = "<unk>", "<s>", "</s>", "<pad>"
@@ -74,3 +74,15 @@ def train_tokenizer(cfg: TokenizerConfig, texts: list[str]) -> PreTrainedTokeniz
     if cfg.kind == "byte_level_bpe":
         return train_byte_level_bpe(texts, cfg.vocab_size)
     return train_sentencepiece_bpe(texts, cfg.vocab_size)
+
+
+def model_tokenizer(model_cfg: ModelConfig, texts: list[str]) -> PreTrainedTokenizerFast:
+    """A model's tokenizer as its preset says: trained on `texts` (kind and size given), loaded
+    from the hub id or local folder named, or else the hub model's own."""
+    from distill_core.models import load_tokenizer
+
+    if model_cfg.tokenizer is not None:
+        return train_tokenizer(model_cfg.tokenizer, texts)
+    if model_cfg.tokenizer_from:
+        return load_tokenizer(model_cfg.tokenizer_from)
+    return load_tokenizer(model_cfg.hub_id, model_cfg.revision)

@@ -105,8 +105,8 @@ def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResou
     pinned hub revision), with the student's tokenizer beside it."""
     cfg = experiment.config()
     inputs = {t: upstream(context, "train_examples", t) for t in TASKS}
-    identity = [cfg.teacher.model_dump(), cfg.student.tokenizer and cfg.student.tokenizer.model_dump(),
-                cfg.student.hub_id, cfg.student.revision, cfg.max_length,
+    identity = [cfg.teacher.model_dump(), cfg.student.model_dump(include={"tokenizer", "tokenizer_from"}),
+                cfg.student.hub_id, cfg.student.revision, cfg.max_length, cfg.precision,
                 {t: m["sha256"] for t, m in inputs.items()}]
     out_dir = experiment.root() / "teacher" / _key(identity)
     rows = [pd.read_parquet(inputs[t]["path"]) for t in TASKS]
@@ -140,13 +140,14 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
     teacher = upstream(context, "teacher_model")
     student_tokenizer = load_tokenizer(teacher["student_tokenizer"])
     # Identity: the teacher (weights hash; a hub teacher's id+revision are in its dir), the
-    # student tokenizer's vocabulary, the data version and the cache settings.
+    # student tokenizer's vocabulary, the data version, the cache settings and the precision the
+    # teacher runs in (how the rows are batched is not part of it).
     identity = {"teacher": teacher["weights_sha256"], "teacher_source": teacher.get("source"),
                 "teacher_revision": teacher.get("revision"),
                 "student_tokenizer": _key(sorted(student_tokenizer.get_vocab().items())),
                 "data": rows["sha256"], "cache": cfg.cache.model_dump(exclude={"actors", "batch_size",
-                                                                           "budget_gib"}),
-                "max_length": cfg.max_length}
+                                                                           "batch_tokens", "budget_gib"}),
+                "max_length": cfg.max_length, "precision": cfg.precision}
     key = teacher_cache.cache_key(**identity)
     out_dir = experiment.root() / "teacher_cache" / task / key
     contexts = teacher_cache.training_contexts(pd.read_parquet(rows["path"]))
@@ -165,7 +166,8 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
             aligned, out_dir, teacher_dir=teacher["path"],
             student_tokenizer_dir=teacher["student_tokenizer"], logits=cfg.cache.logits,
             top_k=cfg.cache.top_k, batch_size=cfg.cache.batch_size, actors=cfg.cache.actors,
-            num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity, estimate=estimated)
+            num_gpus_per_actor=cfg.cache.num_gpus_per_actor, identity=identity, estimate=estimated,
+            precision=cfg.precision, batch_tokens=cfg.cache.batch_tokens)
     estimated = manifest["estimate"]  # what the build was checked against
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(str(out_dir)), "cache_key": key,
@@ -270,7 +272,9 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
     models = {"teacher": teacher["path"], "untrained_student": students["untrained_student"],
               **{f"{r.group}-seed{r.seed}": r.path for r in trials.itertuples()}}
     scores = evaluation.evaluate_models(models, spec, batch_size=cfg.eval.batch_size,
-                                        max_length=cfg.max_length, max_new_tokens=cfg.eval.max_new_tokens)
+                                        max_length=cfg.max_length, max_new_tokens=cfg.eval.max_new_tokens,
+                                        precision=cfg.precision, batch_tokens=cfg.eval.batch_tokens,
+                                        resources=cfg.eval.resources_per_model)
     by_name = {f"{r.group}-seed{r.seed}": r for r in trials.itertuples()}
     rows = []
     for name, per_task in scores.items():

@@ -87,18 +87,26 @@ def shared_data():
 @pytest.fixture(scope="session")
 def nan_hidden():
     """Writes bf16 NaN over the cached hidden states of a shard's rows (all, or the first
-    `rows`): a corrupted cache, as a disk or a foreign writer could leave it. Returns the
-    shard's table as it was."""
+    `rows`): a corrupted cache, as a disk or a foreign writer could leave it. The shard is a
+    Parquet file or its Arrow IPC copy (what trials read). Returns its table as it was."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     def corrupt(shard, rows=None):
-        table = pq.read_table(shard)
+        arrow = shard.suffix == ".arrow"
+        table = pa.ipc.open_file(pa.memory_map(str(shard))).read_all() if arrow else pq.read_table(shard)
         hidden = table["hidden"].to_pylist()
         n = len(hidden) if rows is None else rows
         hidden = [bytes(bytearray(b"\xc0\x7f") * (len(h) // 2)) for h in hidden[:n]] + hidden[n:]
-        pq.write_table(table.set_column(table.schema.get_field_index("hidden"), "hidden",
-                                        pa.array(hidden, pa.binary())), shard)
+        broken = table.set_column(table.schema.get_field_index("hidden"), "hidden",
+                                  pa.array(hidden, pa.binary()))
+        written = shard.with_name(shard.name + ".corrupt")  # the table may map `shard` itself
+        if arrow:
+            with pa.OSFile(str(written), "wb") as sink, pa.ipc.new_file(sink, broken.schema) as writer:
+                writer.write_table(broken)
+        else:
+            pq.write_table(broken, written)
+        os.replace(written, shard)
         return table
 
     return corrupt

@@ -10,9 +10,10 @@ import torch
 from distill_core.cross_vocab import VocabularyBridge
 from distill_core.losses import L_KD, L_align_attn, L_align_hidden, L_task
 from distill_core.models import load_lm_head, load_tokenizer
-from distill_core.objective import LossWeights, distillation_loss
+from distill_core.cache_reader import TeacherCacheReader
+from distill_core.objective import LossWeights, distillation_loss, measured
 from distill_core.teacher_cache import read_vocabulary_map
-from distill_core.training import CacheData, build_student
+from distill_core.training import build_student
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +25,8 @@ def rows(tiny_data):
 def _setup(tiny_config, teacher_dir, cache_dir, tokenizer_dir):
     tokenizer = load_tokenizer(tokenizer_dir)
     config = json.loads((teacher_dir / "config.json").read_text())
-    data = CacheData([str(cache_dir)], "all", tokenizer.pad_token_id, config["hidden_size"],
-                     config["num_attention_heads"])
+    data = TeacherCacheReader([str(cache_dir)], "all", tokenizer.pad_token_id, config["hidden_size"],
+                              config["num_attention_heads"])
     student = build_student(tiny_config, tokenizer, config["hidden_size"], seed=0)
     vocab = VocabularyBridge(read_vocabulary_map(cache_dir), student.model.config.vocab_size)
     return data, student, vocab
@@ -46,7 +47,7 @@ def test_identical_tokenizers_give_exactly_the_plain_losses(tmp_path, ray_local,
         ends = batch.chunk_ends
         t = batch.input_ids.shape[1]
         assert ends.shape[1] == t and (ends == torch.arange(t)).logical_or(ends == 0).all()
-        _, terms = distillation_loss(student, head, batch, w, vocab)
+        terms = measured(*distillation_loss(student, head, batch, w, vocab))
         with torch.no_grad():  # the plain, token-level objective of one shared vocabulary
             out = student(batch.input_ids, batch.attention_mask, with_attention=True)
             logits = student.logits(out.hidden)
@@ -89,6 +90,7 @@ def test_different_tokenizers_give_terms_that_train(tmp_path_factory, ray_local,
     values = []
     for _ in range(12):  # one batch, fitted: the term must be differentiable and fall
         loss, terms = distillation_loss(student, head, batch, w, vocab)
+        terms = measured(loss, terms)
         assert all(torch.isfinite(torch.tensor(v)) for v in terms.values())
         values.append(terms[term])
         optimizer.zero_grad()
@@ -110,10 +112,10 @@ def test_unweighted_attention_can_be_skipped_without_changing_the_loss(tmp_path_
     head = load_lm_head(tiny_teacher_dir)
     batch = data.batch([0, 1, 12])
     black_box = LossWeights(1, 1, 0, 0, temperature=2.0)
-    full, measured = distillation_loss(student, head, batch, black_box, vocab, measure_all=True)
-    fast, skipped = distillation_loss(student, head, batch, black_box, vocab, measure_all=False)
-    assert float(full) == float(fast) and "L_align_attn" in measured and "L_align_attn" not in skipped
-    assert {k: v for k, v in measured.items() if k != "L_align_attn"} == skipped
+    full = measured(*distillation_loss(student, head, batch, black_box, vocab, measure_all=True))
+    fast = measured(*distillation_loss(student, head, batch, black_box, vocab, measure_all=False))
+    assert full["loss"] == fast["loss"] and "L_align_attn" in full and "L_align_attn" not in fast
+    assert {k: v for k, v in full.items() if k != "L_align_attn"} == fast
     attention = LossWeights(1, 1, 0, 1, temperature=2.0)  # a weighted term is never skipped
-    _, kept = distillation_loss(student, head, batch, attention, vocab, measure_all=False)
-    assert kept["L_align_attn"] == measured["L_align_attn"]
+    kept = measured(*distillation_loss(student, head, batch, attention, vocab, measure_all=False))
+    assert kept["L_align_attn"] == full["L_align_attn"]

@@ -185,10 +185,12 @@ def test_cache_problems_finds_a_truncated_or_corrupted_cache(built_cache, tiny_t
     teacher = load_causal_lm(tiny_teacher_dir).config
     d, heads = teacher.hidden_size, teacher.num_attention_heads
     assert cache_problems(out, len(rows), d, heads) == []
-    assert cache_problems(out, len(rows) + 1, d, heads) == [f"{len(rows)} rows for {len(rows) + 1} inputs"]
-    broken = tmp_path / "broken"
-    shutil.copytree(out, broken)
-    table = nan_hidden(broken / manifest["files"][0], rows=1)
-    found = cache_problems(broken, len(rows), d, heads)
-    assert len(found) == 1 and "non-finite teacher signals" in found[0]
-    assert str(table["id"][0]) in found[0]
+    assert cache_problems(out, len(rows) + 1, d, heads) == [
+        f"{kind}: {len(rows)} rows for {len(rows) + 1} inputs" for kind in ("files", "arrow_files")]
+    for kind in ("files", "arrow_files"):  # the Parquet shards, and the copies trials read
+        broken = tmp_path / f"broken-{kind}"
+        shutil.copytree(out, broken)
+        table = nan_hidden(broken / manifest[kind][0], rows=1)
+        found = cache_problems(broken, len(rows), d, heads)
+        assert len(found) == 1 and "non-finite teacher signals" in found[0], kind
+        assert str(table["id"][0]) in found[0] and manifest[kind][0] in found[0]

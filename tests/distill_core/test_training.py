@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM
 from distill_core.config import TASKS
 from distill_core.grid import param_space, run_grid
 from distill_core.models import load_tokenizer
-from distill_core.training import BatchSchedule, build_student
+from distill_core.batching import BatchSchedule
+from distill_core.training import build_student
 
 STEPS = 20
 
@@ -109,7 +110,8 @@ def test_a_nan_loss_fails_its_trial_naming_it_and_writes_no_checkpoint(
     for cache in caches:
         copy = tmp_path / "caches" / os.path.basename(cache)
         shutil.copytree(cache, copy)
-        for name in json.loads((copy / "manifest.json").read_text())["files"]:
+        manifest = json.loads((copy / "manifest.json").read_text())
+        for name in manifest["files"] + manifest["arrow_files"]:
             nan_hidden(copy / name)
         corrupted.append(str(copy))
     cfg = tiny_config.model_copy(update={"distill": tiny_config.distill.model_copy(
