@@ -64,6 +64,7 @@ class TeacherCacheReader:
         self._table = pa.concat_tables(tables)
         self._rows = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
         self.tasks: list[str] = self._table.column("task").take(self._rows).to_pylist()
+        self.ids: list[str] = self._table.column("id").take(self._rows).to_pylist()
         self.distill_positions, self.pad_id = distill_positions, pad_id
         self.d_teacher, self.heads, self.signal_dtype = d_teacher, teacher_heads, signal_dtype
         first = self._table.slice(0, 1).to_pydict() if len(self._table) else None

@@ -177,8 +177,8 @@ class DistillConfig(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     report_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)
-    # Recompute each student layer's activations in the backward pass instead of keeping them
-    # (memory for time); the final-layer attention hook captures the first forward only.
+    # Recompute the student layers' activations in the backward pass instead of keeping them
+    # (memory for time); all but the last, where the final-layer attention hook runs.
     gradient_checkpointing: bool = False
     resources_per_trial: dict[str, float] = Field(default_factory=lambda: {"cpu": 1})
 

@@ -7,9 +7,8 @@ inputs: exact (the same projections and rotary embedding as the layer), differen
 extra work is one layer's Q/K projections and score matrix. Given the query positions that are
 wanted (the teacher cache keeps a few rows a sequence), only those rows are computed.
 
-Under gradient checkpointing the last layer runs a second time in the backward pass, hook
-included; the rerun restores what the backward of the first forward's probabilities needs
-(torch's non-reentrant checkpoint), so the hook keeps the first forward's capture.
+The hooked layer must not be under gradient checkpointing (see
+DistillationStudent.enable_gradient_checkpointing): its backward rerun would find the hook gone.
 """
 
 from __future__ import annotations
@@ -65,9 +64,8 @@ def capture_final_attention(model, attention_mask, query_positions=None):
 
     def hook(module, args, kwargs, output):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        probs = attention_probabilities(module, hidden, kwargs["position_embeddings"],
-                                        attention_mask, query_positions)
-        store.setdefault("probs", probs)  # a checkpointed rerun computes, but does not capture
+        store["probs"] = attention_probabilities(module, hidden, kwargs["position_embeddings"],
+                                                 attention_mask, query_positions)
 
     handle = attn.register_forward_hook(hook, with_kwargs=True)
     try:

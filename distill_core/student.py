@@ -27,14 +27,17 @@ class DistillationStudent(nn.Module):
         self.hidden_state_projector = nn.Linear(model.config.hidden_size, d_teacher)
 
     def enable_gradient_checkpointing(self) -> None:
-        """Every decoder layer recomputed in the backward pass. Non-reentrant: the reentrant
-        variant runs the first forward without autograd, so the attention hook's capture would
-        carry no gradient."""
+        """Every decoder layer but the last recomputed in the backward pass (non-reentrant).
+        The last layer keeps its activations: the final-layer attention hook runs inside it,
+        and a recomputation would run after the hook is gone (torch then finds fewer saved
+        tensors than the forward made) or, reentrant, capture probabilities without autograd.
+        One layer's activations of 22 is the price."""
         kwargs = {"use_reentrant": False}
         if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5.x
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self.model.model.layers[-1].gradient_checkpointing = False
 
     def forward(self, input_ids, attention_mask, with_attention: bool = False) -> StudentOutputs:
         """Hidden states (and attention); logits come from `logits`, for the positions a

@@ -153,9 +153,23 @@ class TeacherSignals:
 
         self.device = worker_device()
         prepare(self.device, threads)
-        self.teacher = load_causal_lm(teacher_dir, dtype=frozen_dtype(precision), device=self.device)
-        self.pad_id = self.teacher.config.pad_token_id or 0
-        self.top_k = min(top_k, self.teacher.config.vocab_size) if logits == "topk" else 0
+        self._use(load_causal_lm(teacher_dir, dtype=frozen_dtype(precision), device=self.device),
+                  logits, top_k, batch_tokens)
+
+    @classmethod
+    def around(cls, teacher, logits: str = "hidden", top_k: int = 32,
+               batch_tokens: int | None = None) -> "TeacherSignals":
+        """Around a teacher already loaded (on its device, in its dtype), as bench/gpu.py
+        measures the actors' work without writing and reading an 8B model first."""
+        signals = cls.__new__(cls)
+        signals.device = teacher.device
+        signals._use(teacher.eval(), logits, top_k, batch_tokens)
+        return signals
+
+    def _use(self, teacher, logits: str, top_k: int, batch_tokens: int | None) -> None:
+        self.teacher = teacher
+        self.pad_id = teacher.config.pad_token_id or 0
+        self.top_k = min(top_k, teacher.config.vocab_size) if logits == "topk" else 0
         self.batch_tokens = batch_tokens
 
     def __call__(self, batch: pa.Table) -> pa.Table:

@@ -22,20 +22,23 @@ import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from distill_core.batching import BatchSchedule, Prefetcher
 from distill_core.cache_reader import TeacherCacheReader
-from distill_core.config import ExperimentConfig
 from distill_core.cross_vocab import VocabularyBridge
 from distill_core.device import adamw, autocast, frozen_dtype, prepare, worker_device
 from distill_core.models import init_model, load_causal_lm, load_lm_head, load_tokenizer
-from distill_core.objective import Batch, distillation_loss, loss_weights, measured
+from distill_core.objective import Batch, LossWeights, distillation_loss, loss_weights, measured
 from distill_core.storage import atomic_directory
 from distill_core.student import DistillationStudent
 from distill_core.teacher_cache import read_vocabulary_map
+
+if TYPE_CHECKING:  # the config needs pydantic; a step on its own (bench/gpu.py) does not
+    from distill_core.config import ExperimentConfig
 
 CHECKPOINT_META = "kdbench.json"
 
@@ -106,6 +109,38 @@ def write_untrained_student(cfg: ExperimentConfig, tokenizer_dir: str, teacher_d
                   dtype=frozen_dtype(cfg.precision))
 
 
+class DistillationStep:
+    """One optimizer step of a group's objective: the student's forward in `precision` (under
+    bf16 autocast, fp32 master weights), the loss, a NaN check naming `name`, backward,
+    gradient clipping at 1.0, the optimizer's step."""
+
+    def __init__(self, student: DistillationStudent, teacher_head: torch.nn.Module | None,
+                 vocab: VocabularyBridge, weights: LossWeights, optimizer: torch.optim.Optimizer,
+                 precision: str, name: str):
+        self.student, self.teacher_head, self.vocab = student, teacher_head, vocab
+        self.weights, self.optimizer, self.precision, self.name = weights, optimizer, precision, name
+        self.device = next(student.parameters()).device
+
+    def __call__(self, batch: Batch, lr: float, measure_all: bool, step: int = 0) -> dict[str, float]:
+        """The loss and each term's value, before the update."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        with autocast(self.device, self.precision):
+            loss, terms = distillation_loss(self.student, self.teacher_head, batch, self.weights,
+                                            self.vocab, measure_all)
+        values = measured(loss, terms)
+        if not math.isfinite(values["loss"]):
+            raise FloatingPointError(
+                f"trial {self.name}: loss is {values['loss']} at step {step} (terms "
+                f"{ {k: v for k, v in values.items() if k != 'loss'} }); lower distill.lr or "
+                "check the teacher cache")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
+        self.optimizer.step()
+        return values
+
+
 class DistillationRecipe:
     """A trial's parts, each usable alone: `setup` builds everything (and restores a
     checkpoint), `batches` yields each remaining step's batch on the device, `train_step`
@@ -113,6 +148,8 @@ class DistillationRecipe:
     final student. `config` is the trial's Tune config (distill_core.grid.param_space)."""
 
     def __init__(self, config: dict):
+        from distill_core.config import ExperimentConfig
+
         self.config = config
         self.cfg = ExperimentConfig.model_validate(config["experiment"])
         self.group, self.seed = config["group"], int(config["seed"])
@@ -144,6 +181,8 @@ class DistillationRecipe:
         self.vocab = VocabularyBridge(read_vocabulary_map(Path(self.config["cache_dirs"][0])),
                                       self.student.model.config.vocab_size).to(self.device)
         self.optimizer = adamw(self.student.parameters(), dcfg.lr, dcfg.weight_decay, self.device)
+        self.distill_step = DistillationStep(self.student, self.teacher_head, self.vocab, self.weights,
+                                          self.optimizer, cfg.precision, self.name)
         if checkpoint_dir is not None:
             state = load_training_state(Path(checkpoint_dir), self.student, self.optimizer)
             self.step = state.pop("step")
@@ -170,22 +209,8 @@ class DistillationRecipe:
         return done % dcfg.report_every == 0 or done == dcfg.steps
 
     def train_step(self, step: int, batch: Batch) -> dict[str, float]:
-        """One optimizer step on `batch`; the loss and each term's value."""
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.lr_at(step)
-        with autocast(self.device, self.cfg.precision):
-            loss, terms = distillation_loss(self.student, self.teacher_head, batch, self.weights,
-                                            self.vocab, self.measures_all(step))
-        values = measured(loss, terms)
-        if not math.isfinite(values["loss"]):
-            raise FloatingPointError(
-                f"trial {self.name}: loss is {values['loss']} at step {step} (terms "
-                f"{ {k: v for k, v in values.items() if k != 'loss'} }); lower distill.lr or "
-                "check the teacher cache")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.student.parameters(), 1.0)
-        self.optimizer.step()
+        """Step `step` on its batch; the loss and each term's value."""
+        values = self.distill_step(batch, self.lr_at(step), self.measures_all(step), step)
         self.step = step + 1
         return values
 

@@ -72,6 +72,33 @@ def build_cache():
 
 
 @pytest.fixture(scope="session")
+def tiny_caches(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data, build_cache):
+    """The three tasks' teacher caches of the tiny teacher (cache dirs, in TASKS order)."""
+    from distill_core.config import TASKS
+
+    root = tmp_path_factory.mktemp("caches")
+    for task in TASKS:
+        build_cache(tiny_data[task]["train"], root / task, tiny_teacher_dir, identity={"task": task})
+    return [str(root / t) for t in TASKS]
+
+
+@pytest.fixture(scope="session")
+def trial_config():
+    """`trial_config(cfg, caches, teacher_dir, out_dir, group=, seed=, **distill)`: one trial's
+    Tune config, as grid.param_space makes it with `group` and `seed` chosen; `distill`
+    overrides the preset's distill settings (e.g. precision lives at the top: pass a cfg)."""
+    def make(cfg, caches, teacher_dir, out_dir, group="combined", seed=0, **distill) -> dict:
+        cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update=distill)})
+        return {"experiment": cfg.model_dump(mode="json"), "cache_dirs": list(caches),
+                "teacher_dir": str(teacher_dir),
+                "student_tokenizer_dir": str(teacher_dir / "student_tokenizer"),
+                "output_dir": str(out_dir), "cache_version": "test", "code_version": "test",
+                "mlflow": None, "group": group, "seed": seed}
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """The real datasets' release files beside the checkout (../shared/data), or where
     KDBENCH_SHARED_DATA says."""
@@ -81,6 +108,19 @@ def shared_data():
                                Path(__file__).resolve().parents[1].parent / "shared" / "data"))
     if not path.exists():
         pytest.skip(f"{path} is not there")
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_tokenizers():
+    """The paper pair's real tokenizers beside the checkout (../shared/tokenizers: llama3/,
+    llama2-spm/), or where KDBENCH_SHARED_TOKENIZERS says."""
+    from pathlib import Path
+
+    path = Path(os.environ.get("KDBENCH_SHARED_TOKENIZERS",
+                               Path(__file__).resolve().parents[1].parent / "shared" / "tokenizers"))
+    if not (path / "llama3").exists():
+        pytest.skip(f"{path} has no llama3/")
     return path
 
 

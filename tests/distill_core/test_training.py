@@ -20,14 +20,6 @@ from distill_core.training import build_student
 STEPS = 20
 
 
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data, build_cache):
-    root = tmp_path_factory.mktemp("caches")
-    for task in TASKS:
-        build_cache(tiny_data[task]["train"], root / task, tiny_teacher_dir, identity={"task": task})
-    return [str(root / t) for t in TASKS]
-
-
 def _space(cfg, caches, teacher_dir, out_dir):
     return param_space(cfg, cache_dirs=caches, teacher_dir=str(teacher_dir),
                        student_tokenizer_dir=str(teacher_dir / "student_tokenizer"),
@@ -46,11 +38,11 @@ class KillOnceAfterCheckpoint(tune.Callback):
 
 
 def test_grid_trains_loadable_students_and_a_killed_trial_resumes_exactly(
-        tmp_path, tiny_config, caches, tiny_teacher_dir):
+        tmp_path, tiny_config, tiny_caches, tiny_teacher_dir):
     cfg = tiny_config.model_copy(update={"distill": tiny_config.distill.model_copy(
         update={"groups": ["black_box", "combined"], "seeds": 1})})
     results = run_grid(cfg, tmp_path / "ray", "uninterrupted",
-                       _space(cfg, caches, tiny_teacher_dir, tmp_path / "a"))
+                       _space(cfg, tiny_caches, tiny_teacher_dir, tmp_path / "a"))
     assert not results.errors
     final = {r.config["group"]: r.metrics for r in results}
     assert set(final) == {"black_box", "combined"} and all(m["step"] == STEPS for m in final.values())
@@ -72,7 +64,7 @@ def test_grid_trains_loadable_students_and_a_killed_trial_resumes_exactly(
     combined_only = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"groups": ["combined"]})})
     killer = KillOnceAfterCheckpoint(at_step=10)
     resumed = run_grid(combined_only, tmp_path / "ray", "killed",
-                       _space(combined_only, caches, tiny_teacher_dir, tmp_path / "b"),
+                       _space(combined_only, tiny_caches, tiny_teacher_dir, tmp_path / "b"),
                        max_failures=1, callbacks=[killer])
     assert killer.killed_pid is not None and not resumed.errors
     (trial,) = list(resumed)
@@ -101,13 +93,13 @@ def test_seed_fixes_init_and_data_order(tiny_config, tiny_teacher_dir):
 
 
 def test_a_nan_loss_fails_its_trial_naming_it_and_writes_no_checkpoint(
-        tmp_path, tiny_config, caches, tiny_teacher_dir, nan_hidden):
+        tmp_path, tiny_config, tiny_caches, tiny_teacher_dir, nan_hidden):
     """A cache whose hidden states are NaN (written around the cache_valid check): the trial
     stops at its first step with an error that names it, and leaves no student behind."""
     import shutil
 
     corrupted = []
-    for cache in caches:
+    for cache in tiny_caches:
         copy = tmp_path / "caches" / os.path.basename(cache)
         shutil.copytree(cache, copy)
         manifest = json.loads((copy / "manifest.json").read_text())
