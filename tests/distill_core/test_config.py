@@ -5,12 +5,17 @@ import pytest
 from distill_core.config import CONFIGS_DIR, ConfigError, load_config
 
 
+SHAPES_ONLY = {"paper-shapes"}  # proves the paper's shapes on a CPU, not its statistics: 1 seed
+
+
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 def test_every_shipped_preset_loads_and_validates(preset):
     cfg = load_config(preset)
     assert cfg.name == preset
     assert set(cfg.distill.groups) == {"black_box", "hidden_state", "attention", "combined"}
-    assert cfg.distill.seeds == 7
+    assert cfg.distill.seeds == (1 if preset in SHAPES_ONLY else 7)
+    header = (CONFIGS_DIR / f"{preset}.yaml").read_text().split("\nname:")[0]
+    assert f"--preset {preset}" in header  # the header says how to run it
 
 
 @pytest.mark.parametrize("override, field", [
@@ -32,6 +37,13 @@ def test_every_shipped_preset_loads_and_validates(preset):
     ({"cache.logits": "full"}, "cache.logits"),
     ({"cache.budget_gib": 0}, "cache.budget_gib"),
     ({"student.num_heads": 2, "student.num_kv_heads": 2}, "(top level)"),
+    ({"precision": "fp16"}, "precision"),
+    ({"cache.batch_tokens": 0}, "cache.batch_tokens"),
+    ({"eval.batch_tokens": 8}, "eval.batch_tokens"),
+    ({"eval.resources_per_model": {"cpu": 1, "tpu": 1}}, "eval.resources_per_model"),
+    ({"eval.resources_per_model": {"cpu": 0}}, "eval.resources_per_model"),
+    ({"student.tokenizer_from": "../shared/tokenizers/llama2-spm"}, "student"),  # and tokenizer
+    ({"teacher.source": "hub", "teacher.hub_id": "x/y"}, "teacher"),  # with a tokenizer to train
 ])
 def test_invalid_values_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
@@ -61,3 +73,9 @@ def test_tiny_pair_uses_two_tokenizer_families_of_different_sizes():
     assert cfg.teacher.tokenizer.kind == "byte_level_bpe"
     assert cfg.student.tokenizer.kind == "sentencepiece_bpe"
     assert cfg.teacher.tokenizer.vocab_size != cfg.student.tokenizer.vocab_size
+
+
+def test_a_tokenizer_can_be_named_by_path_instead_of_trained():
+    cfg = load_config("tiny", {"student.tokenizer": None,
+                               "student.tokenizer_from": "../shared/tokenizers/llama2-spm"})
+    assert cfg.student.tokenizer is None and cfg.student.tokenizer_from.endswith("llama2-spm")
