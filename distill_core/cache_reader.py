@@ -14,22 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from distill_core.objective import Batch
 from distill_core.teacher_cache import CACHE_SCHEMA, ragged_column, read_manifest
 
 
-def open_mapped(cache_dir: Path) -> pa.Table:
-    """All rows of a complete cache as one table over its memory-mapped Arrow IPC files."""
+def open_mapped(cache_dir: Path) -> list[pa.RecordBatch]:
+    """The record batches of a complete cache's Arrow IPC files, memory-mapped (nothing read)."""
     manifest = read_manifest(cache_dir)
     if "arrow_files" not in manifest:
         raise FileNotFoundError(f"{cache_dir}: a cache without Arrow IPC files (format "
                                 f"{manifest.get('format')}); materialize teacher_cache again")
-    tables = [pa.ipc.open_file(pa.memory_map(str(Path(cache_dir) / name), "r")).read_all()
-              for name in manifest["arrow_files"]]
-    return pa.concat_tables(tables) if tables else CACHE_SCHEMA.empty_table()
+    batches = []
+    for name in manifest["arrow_files"]:
+        reader = pa.ipc.open_file(pa.memory_map(str(Path(cache_dir) / name), "r"))
+        batches += [reader.get_batch(i) for i in range(reader.num_record_batches)]
+    return batches
 
 
 def _bf16_values(column: pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:
@@ -55,26 +56,38 @@ class TeacherCacheReader:
                  d_teacher: int, teacher_heads: int, signal_dtype: torch.dtype = torch.float32):
         if distill_positions not in ("all", "answer"):
             raise ValueError(f"unknown distill_positions {distill_positions!r}; use all or answer")
-        tables, order, offset = [], [], 0
+        # Rows are addressed as (record batch, offset): a take on the whole (chunked) table
+        # would first concatenate every column, i.e. copy the cache, for each batch.
+        self._chunks: list[pa.RecordBatch] = []
+        ids, tasks, order = [], [], []
         for cache_dir in cache_dirs:
-            table = open_mapped(Path(cache_dir))
-            order.append(pc.sort_indices(table, sort_keys=[("id", "ascending")]).to_numpy() + offset)
-            tables.append(table)
-            offset += len(table)
-        self._table = pa.concat_tables(tables)
-        self._rows = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
-        self.tasks: list[str] = self._table.column("task").take(self._rows).to_pylist()
-        self.ids: list[str] = self._table.column("id").take(self._rows).to_pylist()
+            chunks = open_mapped(Path(cache_dir))
+            cache_ids = [i for c in chunks for i in c.column("id").to_pylist()]
+            order += sorted(range(len(ids), len(ids) + len(cache_ids)), key=lambda r: cache_ids[r - len(ids)])
+            ids += cache_ids
+            tasks += [t for c in chunks for t in c.column("task").to_pylist()]
+            self._chunks += chunks
+        self._starts = np.cumsum([0] + [c.num_rows for c in self._chunks])
+        self._rows = np.asarray(order, dtype=np.int64)
+        self.ids: list[str] = [ids[r] for r in order]
+        self.tasks: list[str] = [tasks[r] for r in order]
         self.distill_positions, self.pad_id = distill_positions, pad_id
         self.d_teacher, self.heads, self.signal_dtype = d_teacher, teacher_heads, signal_dtype
-        first = self._table.slice(0, 1).to_pydict() if len(self._table) else None
+        first = self._chunks[0].slice(0, 1).to_pydict() if ids else None
         self.top_k = (len(first["topk_ids"][0]) // len(first["student_chunk_ends"][0])) if first else 0
 
     def __len__(self) -> int:
         return len(self._rows)
 
+    def rows(self, indices: list[int]) -> pa.Table:
+        """The rows at `indices` (in this reader's order), as zero-copy slices of the map."""
+        positions = self._rows[np.asarray(indices, dtype=np.int64)]
+        chunk = np.searchsorted(self._starts, positions, side="right") - 1
+        return pa.Table.from_batches([self._chunks[c].slice(int(p - self._starts[c]), 1)
+                                      for c, p in zip(chunk, positions)], schema=CACHE_SCHEMA)
+
     def batch(self, indices: list[int]) -> Batch:
-        rows = self._table.take(self._rows[np.asarray(indices, dtype=np.int64)])
+        rows = self.rows(indices)
         b = len(indices)
         ids_flat, n_tokens = ragged_column(rows["input_ids"])
         ends_flat, n_chunks = ragged_column(rows["student_chunk_ends"])
