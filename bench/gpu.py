@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -129,13 +130,14 @@ def measure_cache(teacher, teacher_tok, student_tok, rows, args, device, cache_d
     signals = TeacherSignals.around(teacher, batch_tokens=args.cache_batch_tokens)
     cache_s = bare_s = 0.0
     tokens = 0
-    files = []
+    files, per_row = [], {}
     with torch.inference_mode():
         for task, frame in rows.items():
             aligned = aligned_rows(training_contexts(frame), student_tok, teacher_tok,
                                    args.max_length, "answer")
             lengths = pc.list_value_length(aligned["teacher_ids"]).to_pylist()
             out = []
+            per_row[task] = round(sum(lengths) / len(lengths), 1)
             for part in token_batches(lengths, len(lengths), args.cache_batch_tokens):
                 batch = aligned.take(part)
                 table, seconds = timed(lambda: signals.signals(batch), device)
@@ -145,7 +147,7 @@ def measure_cache(teacher, teacher_tok, student_tok, rows, args, device, cache_d
                 real = torch.arange(int(n.max()))[None, :] < n[:, None]
                 padded = torch.full(real.shape, teacher.config.pad_token_id, dtype=torch.long)
                 padded[real] = ids
-                _, seconds = timed(lambda: teacher.model(input_ids=padded.to(device),
+                _, seconds = timed(lambda: teacher.model(input_ids=padded.to(device), use_cache=False,
                                                          attention_mask=real.long().to(device)), device)
                 bare_s += seconds
                 tokens += int(n.sum())
@@ -163,7 +165,7 @@ def measure_cache(teacher, teacher_tok, student_tok, rows, args, device, cache_d
             "bare_forward_tokens_per_s": round(tokens / bare_s, 1),
             "ratio_cache_over_bare": round(bare_s / cache_s, 3),
             "bytes_per_teacher_token": round(manifest["bytes"] / tokens, 1),
-            "teacher_tokens_per_row": round(tokens / manifest["rows"], 1)}
+            "teacher_tokens_per_row": per_row}
 
 
 def step_flops(batch, student_layer_params: int, d: int, layers: int, vocab: int) -> float:
@@ -187,10 +189,21 @@ def measure_steps(cache_dir: Path, teacher, student_tok, args, device, peak_tflo
                                 teacher.config.hidden_size, teacher.config.num_attention_heads,
                                 signal_dtype=torch.bfloat16)
     schedule = BatchSchedule(reader.tasks, args.batch_size, seed=0)
+    # Each task's batches apart (a trial's mix is the paper's, not these rows'): the first
+    # `warmup` of each task untimed (allocator, kernels for its shapes), then `steps` timed.
+    by_task: dict[str, list[list[int]]] = {}
+    for s in range(schedule.per_epoch):
+        rows = schedule.batch(s)
+        by_task.setdefault(reader.tasks[rows[0]], []).append(rows)
     head = teacher.lm_head
+    head_bytes = head.weight.numel() * head.weight.element_size()
     out = {}
     for group, (g_hidden, g_attn) in (("black_box", (0.0, 0.0)), ("combined", (1.0, 1.0))):
         for checkpointing in (False, True):
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)  # the teacher, already there
             model = build_llama(TINYLLAMA_1B, args.student_layers, student_tok, device, torch.float32)
             student = DistillationStudent(model, teacher.config.hidden_size).to(device).train()
             if checkpointing:
@@ -200,24 +213,29 @@ def measure_steps(cache_dir: Path, teacher, student_tok, args, device, peak_tflo
             step = DistillationStep(student, head, vocab, weights,
                                     adamw(student.parameters(), 2e-5, 0.01, device), "bf16",
                                     f"{group}-gpu-check")
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats(device)
             seconds = flops = tokens = 0.0
-            for s in range(args.warmup + args.steps):
-                batch = reader.batch(schedule.batch(s)).pin(device).to(device)
-                _, t = timed(lambda: step(batch, 2e-5, measure_all=False), device)
-                if s >= args.warmup:
-                    seconds += t
-                    tokens += float(batch.attention_mask.sum())
-                    flops += step_flops(batch, layer_params(model), model.config.hidden_size,
-                                        args.student_layers, model.config.vocab_size)
+            per_task = {}
+            for task, batches in sorted(by_task.items()):
+                task_s = 0.0
+                # A task with fewer batches than that repeats them (timing needs shapes, not news).
+                chosen = [batches[i % len(batches)] for i in range(args.warmup + args.steps)]
+                for s, rows in enumerate(chosen):
+                    batch = reader.batch(rows).pin(device).to(device)
+                    _, t = timed(lambda: step(batch, 2e-5, measure_all=False), device)
+                    if s >= args.warmup:
+                        task_s += t
+                        tokens += float(batch.attention_mask.sum())
+                        flops += step_flops(batch, layer_params(model), model.config.hidden_size,
+                                            args.student_layers, model.config.vocab_size)
+                per_task[task] = round(task_s / args.steps, 4)
+                seconds += task_s
             name = f"{group}{'_checkpointing' if checkpointing else ''}"
-            out[name] = {"step_s": round(seconds / args.steps, 4),
-                         "tokens_per_s": round(tokens / seconds, 1),
+            # A trial holds the teacher's lm_head, not the whole teacher this process holds.
+            peak = (torch.cuda.max_memory_allocated(device) - before + head_bytes) / 2**30 \
+                if device.type == "cuda" else None
+            out[name] = {"step_s_by_task": per_task, "tokens_per_s": round(tokens / seconds, 1),
                          "mfu": round(flops / seconds / (peak_tflops * 1e12), 4) if peak_tflops else None,
-                         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-                         if device.type == "cuda" else None}
+                         "peak_memory_gib": round(peak, 2) if peak is not None else None}
             del student, model, step, batch
     return out
 
@@ -235,14 +253,15 @@ def measure_eval(model, tokenizer, data_dir: Path, args) -> dict:
                                                        subjects=MMLU_SUBJECTS if task == "mmlu" else None).rows)
         contexts = [render_prompt(r, select_shots(r, pool, 5)) for r in rows]
         device = model.device
+        max_length = model.config.max_position_embeddings  # as the evaluation_table asset
         if task == "mmlu":
             _, seconds = timed(lambda: choice_loglikelihoods(
                 model, tokenizer, contexts, [r["choices"] for r in rows], args.eval_batch_size,
-                args.eval_max_length, batch_tokens=args.eval_batch_tokens), device)
+                max_length, batch_tokens=args.eval_batch_tokens), device)
         else:
             _, seconds = timed(lambda: greedy_generate(
                 model, tokenizer, contexts, args.max_new_tokens, args.eval_batch_size,
-                args.eval_max_length, batch_tokens=args.eval_batch_tokens), device)
+                max_length, batch_tokens=args.eval_batch_tokens), device)
         out[f"{task}_examples_per_s"] = round(len(rows) / seconds, 2)
     return out
 
@@ -250,12 +269,17 @@ def measure_eval(model, tokenizer, data_dir: Path, args) -> dict:
 def paper_gpu_hours(result: dict) -> dict:
     """configs/paper.yaml's stages on GPUs like this one, from the measured rates."""
     paper = yaml.safe_load((ROOT / "configs" / "paper.yaml").read_text())
-    rows = sum(paper["data"]["train_size"].values())
-    cache = rows * result["cache"]["teacher_tokens_per_row"] / result["cache"]["cache_tokens_per_s"]
+    train = paper["data"]["train_size"]
+    per_row = result["cache"]["teacher_tokens_per_row"]
+    cache = sum(train[t] * per_row[t] for t in train) / result["cache"]["cache_tokens_per_s"]
     distill = paper["distill"]
     trials = len(distill["groups"]) * distill["seeds"]
     checkpointing = "_checkpointing" if distill.get("gradient_checkpointing") else ""
-    per_trial = {g: distill["steps"] * result["step"][f"{g}{checkpointing}"]["step_s"]
+    # A trial's steps are its epoch's batches: each task's share of them, one task a batch.
+    batches = {t: math.ceil(n / distill["batch_size"]) for t, n in train.items()}
+    share = {t: b / sum(batches.values()) for t, b in batches.items()}
+    per_trial = {g: distill["steps"] * sum(share[t] * s for t, s in
+                                           result["step"][f"{g}{checkpointing}"]["step_s_by_task"].items())
                  for g in ("black_box", "combined")}
     sizes = paper["data"]["eval_size"]
     ev = result["eval"]
@@ -270,9 +294,11 @@ def paper_gpu_hours(result: dict) -> dict:
             "grid_combined_trial": round(per_trial["combined"] / 3600, 2),
             "grid": round(trials * (per_trial["black_box"] + per_trial["combined"]) / 2 / 3600, 1),
             "evaluation": round(evaluation / 3600, 2),
-            "assumes": f"{trials} trials of {distill['steps']} steps x {distill['batch_size']} rows "
-                       "(the grid's time the mean of black_box and combined), eval sizes "
-                       f"{sizes}, one GPU like this one a cache actor, trial or evaluated model"}
+            "assumes": f"{trials} trials of {distill['steps']} steps x {distill['batch_size']} rows, "
+                       f"batches by task as the paper's epoch ({ {t: round(v, 3) for t, v in share.items()} }), "
+                       "the grid's time the mean of black_box and combined, eval sizes "
+                       f"{sizes}, one GPU like this one a cache actor, trial or evaluated model; "
+                       "checkpoint writes (~13 GB a save) not counted"}
 
 
 def main() -> None:
@@ -296,7 +322,6 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=64)
     parser.add_argument("--eval-batch-size", type=int, default=64)
     parser.add_argument("--eval-batch-tokens", type=int, default=32768)
-    parser.add_argument("--eval-max-length", type=int, default=2048)
     parser.add_argument("--max-new-tokens", type=int, default=256, help="as configs/paper.yaml")
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help=f"bf16 dense peak of the GPU (default by name: {PEAK_TFLOPS})")
@@ -307,7 +332,7 @@ def main() -> None:
 
     started = time.perf_counter()
     device = torch.device(args.device)
-    prepare(device)
+    prepare(device, deterministic=True)  # as a trial does (a no-op on CUDA)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
     teacher_tok = load_tokenizer(args.tokenizers / "llama3")
@@ -326,9 +351,10 @@ def main() -> None:
     student = build_llama(TINYLLAMA_1B, args.student_layers, student_tok, device,
                           torch.bfloat16).eval().requires_grad_(False)
     result["eval"]["student"] = measure_eval(student, student_tok, args.data, args)
-    if args.teacher_layers == LLAMA3_8B["num_hidden_layers"] and \
-            args.student_layers == TINYLLAMA_1B["num_hidden_layers"]:
-        result["paper_gpu_hours"] = paper_gpu_hours(result)
+    result["paper_gpu_hours"] = paper_gpu_hours(result)
+    if (args.teacher_layers, args.student_layers) != (LLAMA3_8B["num_hidden_layers"],
+                                                      TINYLLAMA_1B["num_hidden_layers"]):
+        result["paper_gpu_hours"]["depth"] = "reduced: these are not the paper's costs"
     result["seconds"] = round(time.perf_counter() - started, 1)
     text = json.dumps(result, indent=2)
     print(text)

@@ -216,6 +216,9 @@ def _resources(v: dict[str, float], field: str) -> dict[str, float]:
 
 
 class EvalConfig(_Strict):
+    # Contexts longer than this are cut from the left (the harness's way), counted as
+    # `truncated`; None: each model's own context length (max_position_embeddings).
+    max_length: int | None = Field(None, ge=16)
     max_new_tokens: int = Field(32, ge=1)
     batch_size: int = Field(32, ge=1)  # at most this many rows in one forward
     # ... and at most this many padded tokens (generation: prompt + max_new_tokens), rows of

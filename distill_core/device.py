@@ -25,12 +25,18 @@ def worker_device() -> torch.device:
     return torch.device("cpu")
 
 
-def prepare(device: torch.device, threads: int | None = None) -> None:
+def prepare(device: torch.device, threads: int | None = None, deterministic: bool = False) -> None:
     """Per-process settings: TF32 matmuls on CUDA (fp32 work that autocast leaves, such as
-    the losses' reductions, at tensor-core speed), and the CPU thread count when given."""
+    the losses' reductions, at tensor-core speed), the CPU thread count when given, and with
+    `deterministic` torch's deterministic algorithms on the CPU, where they make a restarted
+    trial recompute the same numbers. Not on CUDA: there they would cost time (NaN-filled
+    allocations, sorted scatters) and still leave cuBLAS and the attention backward free to
+    vary, so a GPU run resumes from its checkpoint, not bit for bit."""
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    elif deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if threads:
         torch.set_num_threads(threads)
 
@@ -65,8 +71,8 @@ def adamw(params, lr: float, weight_decay: float, device: torch.device) -> torch
 
 
 def to_device(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """A host tensor on `device`: from pinned memory without blocking the host (the copy
-    overlaps the work queued before it); on the CPU, the tensor itself."""
+    """A host tensor on `device`: from pinned memory without blocking the host (it queues the
+    copy behind the work already queued and goes on); on the CPU, the tensor itself."""
     if tensor is None or tensor.device == device:
         return tensor
     return tensor.to(device, non_blocking=tensor.is_pinned())

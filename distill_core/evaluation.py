@@ -31,7 +31,7 @@ def _score_rows(model, ids_list, mask_list, pad_id) -> list[float]:
     # Logits only where a target token is predicted (position t predicts t + 1): the vocabulary
     # projection at every position of a 5-shot prompt is most of a small model's work.
     keep = targets[:, 1:].bool().any(0).nonzero().squeeze(1)
-    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+    logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep, use_cache=False).logits
     token_lp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:][:, keep, None]).squeeze(-1)
     return (token_lp * targets[:, 1:][:, keep]).sum(-1).tolist()
 
@@ -71,7 +71,7 @@ def choice_loglikelihoods(model, tokenizer, contexts: list[str], choices: list[l
         ids, attn = (t.to(model.device) for t in pad_batch(rows, tokenizer.pad_token_id))
         last = attn.sum(1) - 1
         keep = torch.unique(last)  # only the contexts' last positions need logits
-        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep).logits
+        logits = model(input_ids=ids, attention_mask=attn, logits_to_keep=keep, use_cache=False).logits
         at = torch.searchsorted(keep, last)
         logprobs = torch.log_softmax(logits[torch.arange(len(batch), device=at.device), at].float(), -1)
         options = [[seqs[j][0][-1] for j in per_example[i]] for i in batch]
@@ -181,10 +181,11 @@ def evaluate_task(model, tokenizer, rows: list[dict], pool: list[dict], shots: i
 
 
 def evaluate_checkpoint(model_dir: str, tasks: dict[str, dict], *, batch_size: int,
-                        max_length: int, max_new_tokens: int, threads: int = 1,
+                        max_length: int | None, max_new_tokens: int, threads: int = 1,
                         precision: str = "fp32", batch_tokens: int | None = None) -> dict[str, dict]:
     """Evaluate the HF model in `model_dir` (with its tokenizer) on every task, on this
-    worker's GPU if it has one, held in the precision's dtype.
+    worker's GPU if it has one, held in the precision's dtype. Contexts are cut to
+    `max_length`, or to the model's own context length (max_position_embeddings) when None.
     tasks: {task: {"rows": [...], "pool": [...], "shots": k}} -> {task: evaluate_task's dict}."""
     from distill_core.device import frozen_dtype, prepare, worker_device
     from distill_core.models import load_causal_lm, load_tokenizer
@@ -193,6 +194,7 @@ def evaluate_checkpoint(model_dir: str, tasks: dict[str, dict], *, batch_size: i
     prepare(device, threads)
     model = load_causal_lm(model_dir, dtype=frozen_dtype(precision), device=device)
     tokenizer = load_tokenizer(model_dir)
+    max_length = max_length or model.config.max_position_embeddings
     return {task: evaluate_task(model, tokenizer, spec["rows"], spec["pool"], spec["shots"],
                                 batch_size=batch_size, max_length=max_length,
                                 max_new_tokens=max_new_tokens, batch_tokens=batch_tokens)
@@ -200,7 +202,7 @@ def evaluate_checkpoint(model_dir: str, tasks: dict[str, dict], *, batch_size: i
 
 
 def evaluate_models(models: dict[str, str], tasks: dict[str, dict], *, batch_size: int,
-                    max_length: int, max_new_tokens: int, precision: str = "fp32",
+                    max_length: int | None, max_new_tokens: int, precision: str = "fp32",
                     batch_tokens: int | None = None,
                     resources: dict[str, float] | None = None) -> dict[str, dict[str, dict]]:
     """Evaluate many model dirs in parallel, one Ray task per model asking for `resources`

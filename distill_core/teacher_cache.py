@@ -204,7 +204,8 @@ class TeacherSignals:
         query_pos[query_row, query_slot] = ends[chunk_start[query_row] + queries]
         mask = real.long().to(dev)
         with capture_final_attention(self.teacher, mask, query_pos.to(dev)) as captured:
-            hidden = self.teacher.model(input_ids=ids.to(dev), attention_mask=mask).last_hidden_state
+            hidden = self.teacher.model(input_ids=ids.to(dev), attention_mask=mask,
+                                        use_cache=False).last_hidden_state
         at_ends = hidden[chunk_row.to(dev), ends.to(dev)]                        # [sum C, D]
         if not bool(torch.isfinite(at_ends).all()):  # a broken teacher must not be cached
             bad = sorted({str(batch["id"][int(r)]) for r in chunk_row[~torch.isfinite(at_ends).all(-1).cpu()]})

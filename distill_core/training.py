@@ -160,8 +160,8 @@ class DistillationRecipe:
     def setup(self, checkpoint_dir: Path | None = None) -> None:
         cfg, dcfg = self.cfg, self.cfg.distill
         self.device = worker_device()
-        prepare(self.device, threads=max(1, int(dcfg.resources_per_trial.get("cpu", 1))))
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        prepare(self.device, threads=max(1, int(dcfg.resources_per_trial.get("cpu", 1))),
+                deterministic=True)
         frozen = frozen_dtype(cfg.precision)
         teacher_dir = self.config["teacher_dir"]
         self.tokenizer = load_tokenizer(self.config["student_tokenizer_dir"])

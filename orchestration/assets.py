@@ -272,7 +272,7 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
     models = {"teacher": teacher["path"], "untrained_student": students["untrained_student"],
               **{f"{r.group}-seed{r.seed}": r.path for r in trials.itertuples()}}
     scores = evaluation.evaluate_models(models, spec, batch_size=cfg.eval.batch_size,
-                                        max_length=cfg.max_length, max_new_tokens=cfg.eval.max_new_tokens,
+                                        max_length=cfg.eval.max_length, max_new_tokens=cfg.eval.max_new_tokens,
                                         precision=cfg.precision, batch_tokens=cfg.eval.batch_tokens,
                                         resources=cfg.eval.resources_per_model)
     by_name = {f"{r.group}-seed{r.seed}": r for r in trials.itertuples()}

@@ -99,16 +99,18 @@ def evaluate(args: argparse.Namespace) -> int:
         print(f"--data-dir {data_dir}: {err}", file=sys.stderr)
         return 2
     rows = rows[:args.limit] if args.limit else rows
-    import torch
+    from distill_core.device import frozen_dtype, prepare, worker_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_causal_lm(checkpoint), load_tokenizer(checkpoint)
+    device = worker_device()
+    prepare(device, args.threads)
+    model = load_causal_lm(checkpoint, dtype=frozen_dtype(args.precision), device=device)
+    tokenizer = load_tokenizer(checkpoint)
     started = time.perf_counter()
     try:
         result = evaluate_task(model, tokenizer, rows, pool, shots,
                                batch_size=args.batch_size, max_length=model.config.max_position_embeddings,
-                               max_new_tokens=args.max_new_tokens, predictions=bool(args.predictions))
+                               max_new_tokens=args.max_new_tokens, predictions=bool(args.predictions),
+                               batch_tokens=args.batch_tokens)
     except ValueError as err:
         print(f"{args.task}: {err}", file=sys.stderr)
         return 2
@@ -117,6 +119,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.predictions:  # never a half-written predictions file
         write_text_atomic("".join(json.dumps(r) + "\n" for r in records), Path(args.predictions))
     print(json.dumps({"task": args.task, **result, "shots": shots, "checkpoint": str(checkpoint),
+                      "device": str(device), "precision": args.precision,
                       "split": real.EVAL_SPLIT[args.task], "seconds": round(seconds, 2),
                       "examples_per_s": round(result["n"] / seconds, 2)}))
     return 0
@@ -143,7 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="the first N examples only")
     p.add_argument("--predictions", default=None, help="write per-example predictions (JSONL) here")
     p.add_argument("--shots", type=int, default=None, help="default: the harness's (0, 5, 5)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="rows a forward at most")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="padded tokens a forward at most (rows of like length together)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="the dtype the model is held in (on the GPU when there is one)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="GSM8K generation budget")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=evaluate)
