@@ -290,7 +290,8 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
         rows = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
         if rows != len(aligned):
             raise RuntimeError(f"teacher cache {out_dir}: wrote {rows} rows for {len(aligned)} inputs")
-        arrow_files = [arrow_copy(f) for f in files]
+        # The IPC copies shard by shard, as Ray tasks: in parallel over the cluster's CPUs.
+        arrow_files = ray.get([ray.remote(num_cpus=1)(arrow_copy).remote(f) for f in files])
         save_file({"teacher_to_student": mapping}, str(tmp / VOCABULARY_MAP))
         manifest = {"format": CACHE_FORMAT, "rows": rows, "files": [f.name for f in files],
                     "bytes": sum(f.stat().st_size for f in files),
