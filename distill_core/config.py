@@ -180,6 +180,7 @@ class DistillConfig(_Strict):
     # Recompute the student layers' activations in the backward pass instead of keeping them
     # (memory for time); all but the last, where the final-layer attention hook runs.
     gradient_checkpointing: bool = False
+    # Ray resources a trial asks for: cpu, gpu, and any custom resource the nodes declare
     resources_per_trial: dict[str, float] = Field(default_factory=lambda: {"cpu": 1})
 
     @field_validator("groups")
@@ -206,12 +207,14 @@ class DistillConfig(_Strict):
 
 
 def _resources(v: dict[str, float], field: str) -> dict[str, float]:
-    """Ray resources of one trial or one model's evaluation: cpu > 0, gpu >= 0."""
-    unknown = set(v) - {"cpu", "gpu"}
-    if unknown:
-        raise ValueError(f"{field} keys must be cpu/gpu, got {sorted(unknown)}")
+    """Ray resources of one trial or one model's evaluation: cpu > 0, gpu >= 0, and any
+    custom resource the cluster's nodes declare (`ray start --resources`), e.g. to keep
+    trials on the nodes that have them."""
+    uppercase = {"CPU", "GPU"} & set(v)
+    if uppercase:  # Tune would read them, the rest of kdbench would not
+        raise ValueError(f"{field}: write {sorted(k.lower() for k in uppercase)} in lower case")
     if any(n < 0 for n in v.values()) or v.get("cpu", 1) <= 0:
-        raise ValueError(f"{field} needs cpu > 0 and gpu >= 0, got {v}")
+        raise ValueError(f"{field} needs cpu > 0 and every other resource >= 0, got {v}")
     return v
 
 

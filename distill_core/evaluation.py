@@ -212,7 +212,9 @@ def evaluate_models(models: dict[str, str], tasks: dict[str, dict], *, batch_siz
 
     resources = resources or {"cpu": 1}
     cpus = resources.get("cpu", 1)
-    remote = ray.remote(num_cpus=cpus, num_gpus=resources.get("gpu", 0))(evaluate_checkpoint)
+    custom = {k: v for k, v in resources.items() if k not in ("cpu", "gpu")}
+    remote = ray.remote(num_cpus=cpus, num_gpus=resources.get("gpu", 0),
+                        resources=custom or None)(evaluate_checkpoint)
     tasks_ref = ray.put(tasks)
     futures = {name: remote.remote(path, tasks_ref, batch_size=batch_size, max_length=max_length,
                                    max_new_tokens=max_new_tokens, threads=max(1, int(cpus)),

@@ -233,6 +233,7 @@ class DistillationRecipe:
 
 def train_student(config: dict) -> None:
     """Ray Tune function trainable; `config` is built by distill_core.grid.param_space."""
+    import ray
     from ray import tune
 
     recipe = DistillationRecipe(config)
@@ -242,7 +243,8 @@ def train_student(config: dict) -> None:
             recipe.setup(Path(d))
     else:
         recipe.setup()
-    run = _trial_run(recipe, config.get("mlflow"))
+    node_id = ray.get_runtime_context().get_node_id()
+    run = _trial_run(recipe, config.get("mlflow"), node_id)
     run_id = run.run_id if run else None
     dcfg = recipe.cfg.distill
     metrics = recipe.resumed.get("metrics", {})
@@ -257,9 +259,10 @@ def train_student(config: dict) -> None:
         window = {}
         if run:
             run.log_metrics(metrics, step=done)
-        # pid: which process runs the trial (operators and the fault-tolerance test use it)
+        # Which process and which Ray node run the trial (operators and the fault-tolerance
+        # tests use them).
         report = {**metrics, "step": done, "group": recipe.group, "seed": recipe.seed,
-                  "pid": os.getpid()}
+                  "pid": os.getpid(), "node_id": node_id}
         if done % dcfg.checkpoint_every == 0 or done == dcfg.steps:
             with tempfile.TemporaryDirectory() as d:
                 recipe.save_checkpoint(Path(d), {"mlflow_run_id": run_id, "metrics": metrics})
@@ -272,19 +275,24 @@ def train_student(config: dict) -> None:
         run.finish()
 
 
-def _trial_run(recipe: DistillationRecipe, mlflow_cfg: dict | None):
-    """The trial's MLflow child run: the one its checkpoint names, else found or created."""
+def _trial_run(recipe: DistillationRecipe, mlflow_cfg: dict | None, node_id: str):
+    """The trial's MLflow child run: the one its checkpoint names, else found or created. A
+    tracking server this node cannot reach is named, with the node."""
     if not mlflow_cfg:
         return None
     from distill_core.tracking import TrialRun
 
-    if run_id := recipe.resumed.get("mlflow_run_id"):
-        return TrialRun(mlflow_cfg["tracking_uri"], run_id)
-    dcfg = recipe.cfg.distill
-    params = {"group": recipe.group, "seed": recipe.seed, "lr": dcfg.lr, "steps": dcfg.steps,
-              "batch_size": dcfg.batch_size, "distill_positions": dcfg.distill_positions,
-              "precision": recipe.cfg.precision, "cache_version": recipe.config["cache_version"],
-              **recipe.weights.as_dict()}
-    return TrialRun.start(mlflow_cfg["tracking_uri"], mlflow_cfg["experiment_id"],
-                          mlflow_cfg["parent_run_id"], recipe.name, params,
-                          tags={"group": recipe.group, "seed": str(recipe.seed)})
+    uri = mlflow_cfg["tracking_uri"]
+    try:
+        if run_id := recipe.resumed.get("mlflow_run_id"):
+            return TrialRun(uri, run_id)
+        dcfg = recipe.cfg.distill
+        params = {"group": recipe.group, "seed": recipe.seed, "lr": dcfg.lr, "steps": dcfg.steps,
+                  "batch_size": dcfg.batch_size, "distill_positions": dcfg.distill_positions,
+                  "precision": recipe.cfg.precision, "cache_version": recipe.config["cache_version"],
+                  **recipe.weights.as_dict()}
+        return TrialRun.start(uri, mlflow_cfg["experiment_id"], mlflow_cfg["parent_run_id"],
+                              recipe.name, params, tags={"group": recipe.group, "seed": str(recipe.seed)})
+    except Exception as err:  # mlflow wraps connection errors in several types
+        raise ConnectionError(f"trial {recipe.name} on Ray node {node_id}: MLflow tracking at "
+                              f"{uri} is not reachable ({type(err).__name__}: {str(err)[:200]})") from err

@@ -205,6 +205,7 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
     cache_version = _key({t: c["cache_key"] for t, c in caches.items()})
     grid_key = _key(cache_version, cfg.distill.model_dump(), cfg.student.model_dump(), code_version)
     out_dir = experiment.root() / "students" / grid_key
+    mlflow.require_shared(ray_cluster.nodes())
     experiment_id = mlflow.experiment_id(f"kdbench-{cfg.name}")
     client = mlflow.client()
     parent_id = mlflow.grid_parent_run(experiment_id, grid_key, context.run.run_id, params={
@@ -229,7 +230,8 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
         meta = json.loads((path / CHECKPOINT_META).read_text()) if path.exists() else {}
         trials.append({"group": group, "seed": seed, "path": str(path), "finished": result.error is None
                        and path.exists(), "mlflow_run_id": meta.get("mlflow_run_id"),
-                       "final_loss": (result.metrics or {}).get("loss")})
+                       "final_loss": (result.metrics or {}).get("loss"),
+                       "node_id": (result.metrics or {}).get("node_id")})  # where it finished
     table = pd.DataFrame(trials).sort_values(["group", "seed"])
     untrained = out_dir / "untrained"
     write_untrained_student(cfg, teacher["student_tokenizer"], teacher["path"], untrained, cfg.seeds[0])

@@ -22,13 +22,14 @@ automation = dg.AutomationConditionSensorDefinition(
     minimum_interval_seconds=60, default_status=dg.DefaultSensorStatus.RUNNING)
 
 
-def resources(preset: str = "tiny", overrides_json: str = "{}", artifacts_dir: str = "artifacts",
-              tracking_uri: str = "sqlite:///mlflow.db", artifact_root: str = "mlruns",
-              ray_address: str = "") -> dict:
-    """The graph's resources; the Ray cluster is `ray_address`, else Ray's own RAY_ADDRESS,
-    else a local Ray."""
+def resources(preset: str = "tiny", overrides_json: str = "{}", storage_root: str = "",
+              tracking_uri: str = "", artifact_root: str = "", ray_address: str = "") -> dict:
+    """The graph's resources. Empty settings are read where their tools read them: the
+    storage root from KDBENCH_STORAGE_ROOT (else the current directory), MLflow from
+    MLFLOW_TRACKING_URI (else sqlite:///mlflow.db), the Ray cluster from RAY_ADDRESS (else a
+    local Ray)."""
     return {"experiment": ExperimentResource(preset=preset, overrides_json=overrides_json,
-                                             artifacts_dir=artifacts_dir),
+                                             storage_root=storage_root),
             "ray_cluster": RayResource(address=ray_address),
             "mlflow": MLflowResource(tracking_uri=tracking_uri, artifact_root=artifact_root)}
 

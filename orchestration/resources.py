@@ -12,24 +12,36 @@ import dagster as dg
 
 from distill_core.config import ExperimentConfig, load_config
 
+STORAGE_ROOT_VARIABLE = "KDBENCH_STORAGE_ROOT"
+
+
+def storage_root(configured: str = "") -> Path:
+    """The one root every path a worker reads or writes is derived from: `configured`, else
+    KDBENCH_STORAGE_ROOT, else the current directory (the checkout, on one machine). Absolute:
+    Ray workers run in directories of their own, and on a cluster this is a shared file
+    system's mount point, the same path on every node."""
+    return Path(configured or os.environ.get(STORAGE_ROOT_VARIABLE) or ".").expanduser().resolve()
+
 
 class ExperimentResource(dg.ConfigurableResource):
-    """Which preset the graph runs, with dotted overrides (JSON), and where artifacts go."""
+    """Which preset the graph runs, with dotted overrides (JSON), and where its files go:
+    `<storage root>/artifacts/<preset>/...` and Ray Tune's `<storage root>/ray_results`."""
 
     preset: str = "tiny"
     overrides_json: str = "{}"
-    artifacts_dir: str = "artifacts"
+    storage_root: str = ""  # empty: KDBENCH_STORAGE_ROOT, else the current directory
 
     def config(self) -> ExperimentConfig:
         return load_config(self.preset, json.loads(self.overrides_json))
 
+    def storage(self) -> Path:
+        return storage_root(self.storage_root)
+
     def root(self) -> Path:
-        return (Path(self.artifacts_dir) / self.config().name).resolve()
+        return self.storage() / "artifacts" / self.config().name
 
     def tune_storage(self) -> Path:
-        """Ray Tune's storage: `ray_results/` beside the artifacts dir (shared storage on a
-        multi-node cluster)."""
-        return Path(self.artifacts_dir).resolve().parent / "ray_results"
+        return self.storage() / "ray_results"
 
 
 class RayResource(dg.ConfigurableResource):
@@ -57,6 +69,12 @@ class RayResource(dg.ConfigurableResource):
         else:
             ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
 
+    def nodes(self) -> int:
+        """How many nodes the cluster has now."""
+        import ray
+
+        return sum(1 for node in ray.nodes() if node["Alive"])
+
 
 def require_reachable(address: str, timeout_s: float) -> None:
     """ray.init retries an address nobody answers at for minutes, logging warnings; this says
@@ -78,18 +96,34 @@ def require_reachable(address: str, timeout_s: float) -> None:
 
 
 class MLflowResource(dg.ConfigurableResource):
-    """Tracking in a sqlite store, artifacts under `artifact_root`; one experiment a preset."""
+    """One experiment a preset. On one machine: a sqlite store with artifacts under
+    `artifact_root` (default `<storage root>/mlruns`). On a cluster: an MLflow tracking server
+    (`tracking_uri`, else MLflow's own MLFLOW_TRACKING_URI: http(s)://host:port), which
+    stores the runs and serves their artifacts; trials on every node log to it over HTTP."""
 
-    tracking_uri: str = "sqlite:///mlflow.db"
-    artifact_root: str = "mlruns"
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    artifact_root: str = ""  # a file store's artifacts; empty: <storage root>/mlruns
     ui_url: str = "http://127.0.0.1:5000"
 
     def resolved_uri(self) -> str:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
         # Ray Tune runs trials in their own working directories: the path must be absolute.
         prefix = "sqlite:///"
-        if self.tracking_uri.startswith(prefix) and not self.tracking_uri.startswith(prefix + "/"):
-            return prefix + str(Path(self.tracking_uri[len(prefix):]).resolve())
-        return self.tracking_uri
+        if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+            return prefix + str(Path(uri[len(prefix):]).resolve())
+        return uri
+
+    def is_server(self) -> bool:
+        return self.resolved_uri().split("://", 1)[0] in ("http", "https")
+
+    def require_shared(self, nodes: int) -> None:
+        """Trials on several nodes cannot share a sqlite file (another node does not see it,
+        and sqlite on a network file system corrupts under concurrent writers)."""
+        if nodes > 1 and not self.is_server():
+            raise RuntimeError(
+                f"the Ray cluster has {nodes} nodes, and MLflow tracks in {self.resolved_uri()}: "
+                "trials on other nodes need an MLflow tracking server; set MLFLOW_TRACKING_URI "
+                "(or MLflowResource.tracking_uri) to http://<host>:<port> of `mlflow server`")
 
     def client(self):
         from mlflow.tracking import MlflowClient
@@ -106,8 +140,10 @@ class MLflowResource(dg.ConfigurableResource):
                                "MLflowResource.tracking_uri") from err
         if found:
             return found.experiment_id
-        location = Path(self.artifact_root).resolve().as_uri()
-        return client.create_experiment(name, artifact_location=f"{location}/{name}")
+        if self.is_server():  # the server's artifact store (proxied: clients need no mount)
+            return client.create_experiment(name)
+        location = (Path(self.artifact_root) if self.artifact_root else storage_root() / "mlruns")
+        return client.create_experiment(name, artifact_location=f"{location.resolve().as_uri()}/{name}")
 
     def grid_parent_run(self, experiment_id: str, grid_key: str, dagster_run_id: str,
                         params: dict) -> str:

@@ -4,6 +4,11 @@ set -euo pipefail
 HOST=${KDBENCH_UI_HOST:-127.0.0.1}
 DAGSTER_PORT=${DAGSTER_PORT:-3000}
 MLFLOW_PORT=${MLFLOW_PORT:-5000}
+# On a cluster this MLflow server is the one trials log to: MLFLOW_HOST=0.0.0.0 lets the other
+# nodes reach it (then MLFLOW_TRACKING_URI=http://<this host>:$MLFLOW_PORT everywhere). MLflow 3
+# answers only localhost and private IPs unless MLFLOW_ALLOWED_HOSTS lists the names used.
+MLFLOW_HOST=${MLFLOW_HOST:-$HOST}
+STORAGE=${KDBENCH_STORAGE_ROOT:-$PWD}
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster}
 mkdir -p "$DAGSTER_HOME"
 
@@ -12,10 +17,12 @@ mkdir -p "$DAGSTER_HOME"
 (trap - INT; exec setsid dagster dev -w workspace.yaml -h "$HOST" -p "$DAGSTER_PORT") &
 DAGSTER_PID=$!
 # One worker keeps MLflow light. The store is the one the demo and trials write, unless
-# MLflow's own variables name another.
+# MLflow's own variables name another; the server also serves (proxies) artifacts, so that
+# trials on other nodes log theirs over HTTP.
 mlflow server --backend-store-uri "${MLFLOW_BACKEND_STORE_URI:-sqlite:///$PWD/mlflow.db}" \
-  --default-artifact-root "${MLFLOW_DEFAULT_ARTIFACT_ROOT:-$PWD/mlruns}" \
-  --host "$HOST" --port "$MLFLOW_PORT" --workers 1 &
+  --artifacts-destination "${MLFLOW_ARTIFACTS_DESTINATION:-$STORAGE/mlruns}" --serve-artifacts \
+  --host "$MLFLOW_HOST" --port "$MLFLOW_PORT" --workers 1 \
+  ${MLFLOW_ALLOWED_HOSTS:+--allowed-hosts "$MLFLOW_ALLOWED_HOSTS"} &
 MLFLOW_PID=$!
 
 stop() {

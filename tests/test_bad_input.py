@@ -181,6 +181,35 @@ def test_an_unreachable_mlflow_server_is_named(monkeypatch):
         resource.experiment_id("kdbench-tiny")
 
 
+def test_a_trial_that_cannot_reach_the_mlflow_server_names_it_and_its_node(
+        monkeypatch, tmp_path, tiny_config, tiny_teacher_dir, trial_config):
+    from distill_core.objective import loss_weights
+    from distill_core.training import DistillationRecipe, _trial_run
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    recipe = DistillationRecipe(trial_config(tiny_config, [], tiny_teacher_dir, tmp_path, group="black_box"))
+    recipe.weights = loss_weights("black_box", recipe.cfg.distill)  # what setup would set
+    server = {"tracking_uri": "http://127.0.0.1:9", "experiment_id": "1", "parent_run_id": "p"}
+    with pytest.raises(ConnectionError, match=r"trial black_box-seed0 on Ray node n-7: MLflow "
+                                              r"tracking at http://127.0.0.1:9 is not reachable"):
+        _trial_run(recipe, server, "n-7")
+
+
+def test_several_nodes_refuse_a_tracking_file_and_name_the_server_they_need(monkeypatch):
+    from orchestration.resources import MLflowResource
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local = MLflowResource()  # sqlite:///mlflow.db
+    local.require_shared(1)   # one machine: the file is fine
+    with pytest.raises(RuntimeError, match=r"2 nodes, and MLflow tracks in sqlite:///.*mlflow.db: "
+                                           r"trials on other nodes need an MLflow tracking server"):
+        local.require_shared(2)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")  # MLflow's own variable
+    assert MLflowResource().resolved_uri() == "http://head:5000"
+    MLflowResource().require_shared(8)
+
+
 def test_an_unreachable_ray_address_is_named_at_once(monkeypatch, free_ports):
     import dagster as dg
 

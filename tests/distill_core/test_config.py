@@ -26,7 +26,8 @@ def test_every_shipped_preset_loads_and_validates(preset):
     ({"student.hidden_size": None}, "student"),
     ({"teacher.source": "hub", "teacher.hub_id": None}, "teacher"),
     ({"data.train_size": {"sst2": 10, "mmlu": 10}}, "data.train_size"),
-    ({"distill.resources_per_trial": {"cpu": 1, "tpu": 1}}, "distill.resources_per_trial"),
+    ({"distill.resources_per_trial": {"cpu": 1, "GPU": 1}}, "distill.resources_per_trial"),
+    ({"distill.resources_per_trial": {"cpu": 1, "head_node": -1}}, "distill.resources_per_trial"),
     ({"distill.checkpoint_every": 30, "distill.report_every": 20}, "distill"),
     ({"distill.alpha_task": 0.0, "distill.beta_kd": 0.0}, "distill"),
     ({"distill.lerning_rate": 0.1}, "distill.lerning_rate"),
@@ -40,7 +41,7 @@ def test_every_shipped_preset_loads_and_validates(preset):
     ({"precision": "fp16"}, "precision"),
     ({"cache.batch_tokens": 0}, "cache.batch_tokens"),
     ({"eval.batch_tokens": 8}, "eval.batch_tokens"),
-    ({"eval.resources_per_model": {"cpu": 1, "tpu": 1}}, "eval.resources_per_model"),
+    ({"eval.resources_per_model": {"cpu": 1, "gpu": -1}}, "eval.resources_per_model"),
     ({"eval.resources_per_model": {"cpu": 0}}, "eval.resources_per_model"),
     ({"student.tokenizer_from": "../shared/tokenizers/llama2-spm"}, "student"),  # and tokenizer
     ({"teacher.source": "hub", "teacher.hub_id": "x/y"}, "teacher"),  # with a tokenizer to train

@@ -46,3 +46,19 @@ def test_every_asset_has_a_code_version_from_its_distill_core_source(monkeypatch
         "\n# an edit" if m.__name__ == "distill_core.statistics" else ""))
     assert versions.code_version_of("statistics") != report_before  # an edit there: stale
     assert versions.code_version_of("tasks") == tasks_before         # elsewhere: not
+
+
+def test_every_path_comes_from_one_storage_root(monkeypatch, tmp_path):
+    from orchestration.definitions import resources
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KDBENCH_STORAGE_ROOT", raising=False)
+    experiment = resources()["experiment"]  # one machine: the checkout (here: the cwd)
+    assert experiment.root() == tmp_path / "artifacts" / "tiny"
+    assert experiment.tune_storage() == tmp_path / "ray_results"
+    monkeypatch.setenv("KDBENCH_STORAGE_ROOT", "shared/kdbench")  # made absolute once, here
+    experiment = resources()["experiment"]
+    assert experiment.root() == tmp_path / "shared" / "kdbench" / "artifacts" / "tiny"
+    assert experiment.tune_storage() == tmp_path / "shared" / "kdbench" / "ray_results"
+    explicit = resources(storage_root=str(tmp_path / "elsewhere"))["experiment"]
+    assert explicit.tune_storage() == tmp_path / "elsewhere" / "ray_results"

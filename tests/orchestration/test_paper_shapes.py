@@ -43,7 +43,7 @@ def shapes(tmp_path_factory, ray_local, overrides):
     root = tmp_path_factory.mktemp("paper-shapes")
     uri = f"sqlite:///{root}/mlflow.db"
     res = resources(preset="paper-shapes", overrides_json=json.dumps(overrides),
-                    artifacts_dir=str(root / "artifacts"), tracking_uri=uri,
+                    storage_root=str(root), tracking_uri=uri,
                     artifact_root=str(root / "mlruns"))
     with dg.instance_for_test() as instance:
         metadata = materialize_study(res, instance, log=lambda _: None)

@@ -38,7 +38,7 @@ def study(tmp_path_factory, ray_local):
     with pytest.MonkeyPatch.context() as env:
         # A token in the environment, as a user with hub access has one: it must appear nowhere.
         env.setenv("HF_TOKEN", SECRET)
-        res = resources(overrides_json=json.dumps(OVERRIDES), artifacts_dir=str(root / "artifacts"),
+        res = resources(overrides_json=json.dumps(OVERRIDES), storage_root=str(root),
                         tracking_uri=uri, artifact_root=str(root / "mlruns"))
         with dg.instance_for_test() as instance:  # sets DAGSTER_HOME: other processes can open it
             metadata = materialize_study(res, instance, log=lambda _: None)
@@ -188,7 +188,7 @@ def test_a_grid_whose_run_was_killed_resumes_when_materialized_again(study, ray_
     # Another grid over the study's caches: longer trials, so the kill lands mid-grid.
     overrides = {**OVERRIDES, "distill.steps": 80, "distill.report_every": 10,
                  "distill.checkpoint_every": 20}
-    settings = dict(overrides_json=json.dumps(overrides), artifacts_dir=str(root / "artifacts"),
+    settings = dict(overrides_json=json.dumps(overrides), storage_root=str(root),
                     tracking_uri=study["uri"], artifact_root=str(root / "mlruns"),
                     ray_address=ray_local.get_runtime_context().gcs_address)
     tune_dir = root / "ray_results"
