@@ -178,7 +178,9 @@ def test_a_study_on_two_nodes_survives_losing_the_worker_node(cluster):
                                   cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         def worker_checkpointed():  # a trial on the worker node is past a checkpoint
-            assert driver.poll() is None, log_path.read_text()[-3000:]
+            assert driver.poll() is None, (f"the study ended (exit {driver.returncode}) before "
+                                           f"{storage}/ray_results showed a worker-node trial "
+                                           f"past a checkpoint: {log_path.read_text()[-2000:]}")
             for experiment in (storage / "ray_results").glob("*"):
                 for trial, results in _results(experiment).items():
                     if any(r["node_id"] == cluster["worker"] and r["step"] > CHECKPOINT_EVERY
