@@ -161,6 +161,11 @@ def align_encoded(student, teacher) -> AlignedExample:
     if student.offsets == teacher.offsets:  # one tokenizer: every token is its own chunk
         ends_s = ends_t = list(range(len(student.input_ids)))
     else:
+        for side, e in (("student", student), ("teacher", teacher)):
+            if len(e.input_ids) - len(e.offsets) != 2:  # chunk 0 is BOS on both sides
+                raise ValueError(f"the {side}'s tokenizer puts {len(e.input_ids) - len(e.offsets) - 1} "
+                                 "tokens in front of a text by default; aligning two tokenizers "
+                                 "needs one (BOS) from each")
         text_chunks = align_offsets(student.text, list(student.offsets), list(teacher.offsets))
         ends_s = [0, *(e + 1 for e in text_chunks.last_a), len(student.input_ids) - 1]
         ends_t = [0, *(e + 1 for e in text_chunks.last_b), len(teacher.input_ids) - 1]

@@ -49,6 +49,8 @@ class DataConfig(_Strict):
     seed: int = 1234
     train_size: dict[str, int]
     eval_size: dict[str, int]
+    # The synthetic tasks' few-shot pool; the real datasets' is the harness's (MMLU's dev
+    # split, the others' train split).
     fewshot_pool_size: int = Field(5, ge=0)
     fewshot: dict[str, int]
 

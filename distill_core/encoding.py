@@ -2,14 +2,33 @@
 
 Prompt and answer are tokenized as one string (tokenizing them apart would change the tokens at
 the seam); a token belongs to the answer when its text starts at or after the answer's first
-character. BOS opens every sequence; EOS closes the answer so a model learns where to stop.
+character. A sequence opens with what the tokenizer puts in front of a text by default (BOS
+for Llama's tokenizers and the ones kdbench trains; nothing for a tokenizer that adds none),
+as lm-evaluation-harness encodes it; EOS closes the answer so a model learns where to stop.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
+
+
+def bos_prefix(tokenizer) -> tuple[int, ...]:
+    """The ids `tokenizer` puts in front of a text by default (add_special_tokens=True): the
+    one rule for BOS in training, scoring and generation, and the harness's."""
+    return _prefix(tokenizer)
+
+
+@lru_cache(maxsize=32)
+def _prefix(tokenizer) -> tuple[int, ...]:
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a")["input_ids"]
+    if full[len(full) - len(plain):] != plain and full[:len(plain)] != plain:
+        raise ValueError(f"{tokenizer.name_or_path}: special tokens around a text are not a prefix "
+                         f"or suffix ({full} for {plain})")
+    return tuple(full[:full.index(plain[0])]) if plain else tuple(full)
 
 
 @dataclass(frozen=True)
@@ -29,9 +48,10 @@ def encode_examples(tokenizer, contexts, answers, max_length: int, row_ids=None)
     out = []
     for text, context, answer, row_id, ids, offsets in zip(
             texts, contexts, answers, row_ids, enc["input_ids"], enc["offset_mapping"]):
-        ids = [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id]
+        prefix = bos_prefix(tokenizer)
+        ids = [*prefix, *ids, tokenizer.eos_token_id]
         boundary = len(context)
-        mask = [0, *(int(start >= boundary) for start, _ in offsets), 1]
+        mask = [*(0 for _ in prefix), *(int(start >= boundary) for start, _ in offsets), 1]
         if answer and not any(mask[:-1]):
             raise ValueError(f"row {row_id}: no token starts inside the answer {answer!r}")
         if len(ids) > max_length:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from distill_core.batching import token_batches
-from distill_core.encoding import encode_examples, pad_batch
+from distill_core.encoding import bos_prefix, encode_examples, pad_batch
 from distill_core.tasks import (gsm8k_flexible, gsm8k_normalize, gsm8k_strict, render_prompt,
                                 select_shots)
 
@@ -113,8 +113,8 @@ def greedy_generate(model, tokenizer, contexts: list[str], max_new_tokens: int,
     if max_length is not None and max_new_tokens >= max_length:
         raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt "
                          f"in max_length={max_length}")
-    encoded = [[tokenizer.bos_token_id, *ids] for ids in
-               tokenizer(contexts, add_special_tokens=False)["input_ids"]]
+    prefix = bos_prefix(tokenizer)
+    encoded = [[*prefix, *ids] for ids in tokenizer(contexts, add_special_tokens=False)["input_ids"]]
     if max_length is not None:  # keep the context's end, as the harness does
         room = max_length - max_new_tokens
         if truncated is not None:

@@ -60,10 +60,11 @@ class Loaded:
         self.skipped += other.skipped
 
 
-def fewshot_pool(task: str, rows: list[dict], size: int = 5) -> list[dict]:
-    """The exemplars shots are drawn from, out of FEWSHOT_SPLIT's rows: MMLU's whole dev split
-    (5 a subject); for the others the first `size` rows of train (then not trained on)."""
-    return rows if task == "mmlu" else rows[:size]
+def fewshot_pool(task: str, rows: list[dict]) -> list[dict]:
+    """The exemplars shots are drawn from (FEWSHOT_SPLIT's rows, in file order), as
+    lm-evaluation-harness draws them: MMLU's dev split (5 a subject, first_n), the others'
+    whole train split (its seeded sampler; see tasks.select_shots)."""
+    return list(rows)
 
 
 def mmlu_description(subject: str) -> str:
@@ -191,14 +192,22 @@ def load_local(task: str, data_dir: Path, split: str, *, subjects: list[str] | N
         if not path.is_file():
             raise FileNotFoundError(f"{task} {split}: no file {path}")
         if task == "sst2":
-            out.extend(read_sst2(path, split, bad_rows))
+            out.extend(_numbered(read_sst2(path, split, bad_rows)))
         elif task == "gsm8k":
-            out.extend(read_gsm8k(path, split, bad_rows))
+            out.extend(_numbered(read_gsm8k(path, split, bad_rows)))
         else:
-            out.extend(read_mmlu(path, subject, split, bad_rows))
+            out.extend(_numbered(read_mmlu(path, subject, split, bad_rows)))
     if not out.rows:
         raise ValueError(f"{task} {split} in {Path(data_dir)}: no rows")
     return _unique_ids(out)
+
+
+def _numbered(loaded: Loaded) -> Loaded:
+    """Each row's place in its file (an MMLU subject's, a task's split): the harness's
+    document order, which its few-shot sampler follows."""
+    for i, r in enumerate(loaded.rows):
+        r["doc_index"] = i
+    return loaded
 
 
 def _unique_ids(loaded: Loaded) -> Loaded:
@@ -234,7 +243,7 @@ def rows_from_hub_records(task: str, records, split: str, bad_rows: str = "error
                 out.rows.append(gsm8k_row(r["question"], r["answer"], split))
         except (BadRow, KeyError, TypeError) as err:
             _bad(Path(where), n, f"{type(err).__name__}: {err}", bad_rows, out)
-    return out
+    return _numbered(out)
 
 
 def load_hub(task: str, split: str, *, subjects: list[str] | None = None, bad_rows: str = "error",

@@ -33,7 +33,8 @@ MMLU_LETTERS = ["A", "B", "C", "D"]
 FEWSHOT_SEPARATOR = "\n\n"
 
 ROW_COLUMNS = ["id", "task", "subject", "description", "prompt", "answer", "choices", "label",
-               "target"]
+               "target", "doc_index"]  # doc_index: the row's place in its real split (harness order)
+HARNESS_FEWSHOT_SEED = 1234  # lm-evaluation-harness's default fewshot_random_seed
 
 
 def row_id(task: str, split: str, text: str) -> str:
@@ -215,12 +216,15 @@ def load_task_splits(task: str, cfg: DataConfig) -> TaskSplits:
 
     train_split = real.TRAIN_SPLIT[task]
     loaded = {s: load(s) for s in {train_split, real.EVAL_SPLIT[task], real.FEWSHOT_SPLIT[task]}}
-    pool = real.fewshot_pool(task, loaded[real.FEWSHOT_SPLIT[task]].rows, cfg.fewshot_pool_size)
+    # The harness's pool (MMLU's dev split, the others' train split), when shots are asked for.
+    pool = real.fewshot_pool(task, loaded[real.FEWSHOT_SPLIT[task]].rows) if cfg.fewshot[task] else []
     pool_ids = {r["id"] for r in pool}
     splits = {"fewshot": pool}
     for split, source, n in (("train", train_split, cfg.train_size[task]),
                              ("eval", real.EVAL_SPLIT[task], cfg.eval_size[task])):
-        rows = [r for r in loaded[source].rows if r["id"] not in pool_ids]
+        # A shot is never evaluated on; training rows may be shots (the harness draws them
+        # from the train split a model is trained on).
+        rows = [r for r in loaded[source].rows if split == "train" or r["id"] not in pool_ids]
         if n > len(rows):
             raise ValueError(f"data.{split}_size.{task}={n}, but {task} {source} has {len(rows)} rows")
         splits[split] = random.Random(f"{cfg.seed}-{task}-{split}").sample(rows, n)
@@ -259,12 +263,33 @@ def fewshot_prefix(shots: list[dict]) -> str:
 
 
 def select_shots(row: dict, pool: list[dict], k: int) -> list[dict]:
-    """The harness's first_n exemplars: the first k of the pool, those of the row's subject
-    first (MMLU's dev split holds 5 a subject)."""
+    """The k exemplars lm-evaluation-harness puts before `row`.
+    MMLU (and the synthetic tasks, whose rows have no document index): its first_n sampler,
+    the first k of the pool, the row's subject first (MMLU's dev split holds 5 a subject).
+    GSM8K and SST-2: its default sampler, one Random(HARNESS_FEWSHOT_SEED) for the task, drawing
+    k of the pool (the train split, in file order) for each evaluation document in turn; the
+    row at `doc_index` gets that draw, whichever rows are evaluated."""
     if k == 0:
         return []
-    same = [s for s in pool if s["subject"] == row["subject"]]
-    return (same + [s for s in pool if s["subject"] != row["subject"]])[:k]
+    index = row.get("doc_index")
+    if row["task"] == "mmlu" or index is None or index != index:  # None, or NaN from pandas
+        same = [s for s in pool if s["subject"] == row["subject"]]
+        return (same + [s for s in pool if s["subject"] != row["subject"]])[:k]
+    if k > len(pool):
+        raise ValueError(f"{k} shots from a pool of {len(pool)} rows")
+    return [pool[i] for i in _harness_draw(len(pool), k, int(index))]
+
+
+_DRAWS: dict[tuple[int, int], tuple[random.Random, list[list[int]]]] = {}
+
+
+def _harness_draw(pool_size: int, k: int, index: int) -> list[int]:
+    """The positions the harness's sampler draws for document `index`: Random.sample picks
+    positions from the pool's size and its state alone, so positions stand for documents."""
+    rnd, draws = _DRAWS.setdefault((pool_size, k), (random.Random(HARNESS_FEWSHOT_SEED), []))
+    while len(draws) <= index:
+        draws.append(rnd.sample(range(pool_size), k))
+    return draws[index]
 
 
 def render_prompt(row: dict, shots: list[dict]) -> str:

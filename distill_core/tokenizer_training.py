@@ -7,7 +7,9 @@
 
 Digits are split one per token in both, so that arithmetic is learnable by a tiny model.
 Offsets are kept, so that answer tokens can be located and the two tokenizations aligned by
-character position (distill_core.alignment).
+character position (distill_core.alignment). Both add BOS in front of a text by default (their
+post-processor), as Llama's tokenizers do: training, scoring and lm-evaluation-harness all
+take BOS from the tokenizer's default (encoding.bos_prefix).
 """
 
 from __future__ import annotations
@@ -31,15 +33,20 @@ def train_byte_level_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTok
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=True)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    # BOS/EOS are added by distill_core.encoding, explicitly, so that every caller agrees.
+    tok.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=True),
+                                              _adds_bos(tok, BOS)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=PAD, bos_token=BOS,
                                    eos_token=EOS, padding_side="right")
+
+
+def _adds_bos(tok: Tokenizer, bos: str) -> processors.TemplateProcessing:
+    return processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                         special_tokens=[(bos, tok.token_to_id(bos))])
 
 
 def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -66,6 +73,7 @@ def train_sentencepiece_bpe(texts: Iterable[str], vocab_size: int) -> PreTrained
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(
         replacement="▁", prepend_scheme="first")])
     tok.add_special_tokens(specials)
+    tok.post_processor = _adds_bos(tok, SP_BOS)
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=SP_UNK, bos_token=SP_BOS,
                                    eos_token=SP_EOS, pad_token=SP_PAD, padding_side="right")
 

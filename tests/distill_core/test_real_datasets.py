@@ -119,8 +119,11 @@ def test_the_real_preset_samples_disjoint_splits_of_the_configured_sizes(shared_
         loaded = load_task_splits(task, cfg.data)
         s = splits[task] = loaded.splits
         assert len(s["train"]) == cfg.data.train_size[task] and len(s["eval"]) == cfg.data.eval_size[task]
-        assert not set(s["train"]["id"]) & set(s["fewshot"]["id"])
+        assert not set(s["eval"]["id"]) & set(s["fewshot"]["id"])  # a shot is never evaluated on
         assert not set(s["train"]["id"]) & set(s["eval"]["id"]) and loaded.skipped == []
+    assert splits["sst2"]["fewshot"].empty  # zero shots: no pool (SST-2's would be 67k rows)
+    # GSM8K's pool is its whole train split, as the harness's sampler draws from it.
+    assert len(splits["gsm8k"]["fewshot"]) == len(real.load_local("gsm8k", shared_data, "train").rows)
     assert set(splits["gsm8k"]["train"]["subject"]) == {"math"}
     mmlu = splits["mmlu"]
     assert set(mmlu["eval"]["subject"]) <= set(cfg.data.subjects) and len(mmlu["fewshot"]) == 50
