@@ -1,8 +1,9 @@
 """lm-evaluation-harness as the oracle of kdbench's evaluation. One checkpoint with decisive
 margins (random weights drawn wide: confident, varied predictions, and digits made likely so
 that GSM8K's filters have numbers to extract), with a byte-level BPE tokenizer that adds no BOS
-by default (the case where "always BOS" and the harness disagree), is scored by `kdbench eval`'s
-code and by the harness's Python API, on the same local release files. The harness's task
+by default (the case where "always BOS" and the harness disagree), is scored by `kdbench eval`
+(saved as an HF folder, as a user's checkpoint) and by the harness's Python API, on the same
+local release files. The harness's task
 configs are its own YAMLs (lm_eval/tasks/...), loaded with its own loader, with only the data
 source pointed at the local files. Per example: the same option chosen (and the same
 log-likelihoods) on SST-2 and two MMLU subjects, the same generation and the same strict and
@@ -17,7 +18,6 @@ import pytest
 import torch
 
 from distill_core import real_datasets as real
-from distill_core.evaluation import evaluate_task
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -119,17 +119,23 @@ def _load(path: Path) -> dict:
     return load_yaml(path, resolve_func=True, recursive=True)
 
 
-def _kdbench(checkpoint, shared_data, task: str, subjects=None) -> list[dict]:
-    """kdbench eval's code path: the paper's split, the harness's shots, first-N rows."""
+def _kdbench(checkpoint, tmp_path, shared_data, task: str, subject=None) -> list[dict]:
+    """`kdbench eval` on the checkpoint saved as an HF folder: its per-example predictions."""
+    import json
+
+    from orchestration.cli import main
+
     model, tokenizer = checkpoint
-    rows = real.load_local(task, shared_data, real.EVAL_SPLIT[task], subjects=subjects).rows
-    shots = real.HARNESS_SHOTS[task]
-    pool = real.fewshot_pool(task, real.load_local(task, shared_data, real.FEWSHOT_SPLIT[task],
-                                                   subjects=subjects).rows) if shots else []
-    limit = LIMIT[task]
-    return evaluate_task(model, tokenizer, rows[:limit], pool, shots, batch_size=8,
-                         max_length=MAX_LENGTH, max_new_tokens=MAX_NEW_TOKENS,
-                         predictions=True)["predictions"]
+    folder = tmp_path / "checkpoint"
+    if not folder.exists():
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    predictions = tmp_path / f"{task}-{subject}.jsonl"
+    args = ["eval", "--checkpoint", str(folder), "--task", task, "--data-dir", str(shared_data),
+            "--limit", str(LIMIT[task]), "--predictions", str(predictions),
+            "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size", "8"]
+    assert main(args + (["--subjects", subject] if subject else [])) == 0
+    return [json.loads(line) for line in predictions.read_text().splitlines()]
 
 
 def _choices_agree(ours: list[dict], theirs: dict[tuple, dict]):
@@ -141,21 +147,21 @@ def _choices_agree(ours: list[dict], theirs: dict[tuple, dict]):
         assert record["predicted"] == max(range(len(harness_ll)), key=harness_ll.__getitem__), doc_id
 
 
-def test_sst2_choices_are_the_harness_choices(checkpoint, harness, shared_data):
-    ours = _kdbench(checkpoint, shared_data, "sst2")
+def test_sst2_choices_are_the_harness_choices(checkpoint, harness, shared_data, tmp_path):
+    ours = _kdbench(checkpoint, tmp_path, shared_data, "sst2")
     _choices_agree(ours, harness["oracle_sst2"])
     assert 0 < sum(r["predicted"] for r in ours) < len(ours)  # varied predictions, not one label
 
 
-def test_mmlu_choices_are_the_harness_choices(checkpoint, harness, shared_data):
+def test_mmlu_choices_are_the_harness_choices(checkpoint, harness, shared_data, tmp_path):
     for subject in SUBJECTS:
-        ours = _kdbench(checkpoint, shared_data, "mmlu", [subject])
+        ours = _kdbench(checkpoint, tmp_path, shared_data, "mmlu", subject)
         _choices_agree(ours, harness[f"oracle_mmlu_{subject}"])
         assert len({r["predicted"] for r in ours}) > 1
 
 
-def test_gsm8k_generations_and_matches_are_the_harness_ones(checkpoint, harness, shared_data):
-    ours = _kdbench(checkpoint, shared_data, "gsm8k")
+def test_gsm8k_generations_and_matches_are_the_harness_ones(checkpoint, harness, shared_data, tmp_path):
+    ours = _kdbench(checkpoint, tmp_path, shared_data, "gsm8k")
     theirs = harness["oracle_gsm8k"]
     assert len(ours) * 2 == len(theirs) == LIMIT["gsm8k"] * 2  # a sample a doc and filter
     for doc_id, record in enumerate(ours):
