@@ -49,7 +49,6 @@ sys.path.insert(0, str(ROOT))  # distill_core from this checkout, installed or n
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
@@ -119,18 +118,15 @@ def training_rows(data_dir: Path, rows: int) -> dict[str, pd.DataFrame]:
 def measure_cache(teacher, teacher_tok, student_tok, rows, args, device, cache_dir: Path) -> dict:
     """The cache actors' work beside a bare forward, batch by batch; writes the cache rows as a
     complete cache in `cache_dir` (Parquet, Arrow IPC copies, manifest, vocabulary map)."""
-    from safetensors.torch import save_file
-
     from distill_core.batching import token_batches
     from distill_core.cross_vocab import vocabulary_map
-    from distill_core.teacher_cache import (CACHE_FORMAT, MANIFEST, VOCABULARY_MAP, TeacherSignals,
-                                            aligned_rows, arrow_copy, ragged_column,
-                                            training_contexts)
+    from distill_core.teacher_cache import (TeacherSignals, aligned_rows, ragged_column,
+                                            training_contexts, write_cache)
 
     signals = TeacherSignals.around(teacher, batch_tokens=args.cache_batch_tokens)
     cache_s = bare_s = 0.0
     tokens = 0
-    files, per_row = [], {}
+    shards, per_row = {}, {}
     with torch.inference_mode():
         for task, frame in rows.items():
             aligned = aligned_rows(training_contexts(frame), student_tok, teacher_tok,
@@ -151,16 +147,8 @@ def measure_cache(teacher, teacher_tok, student_tok, rows, args, device, cache_d
                                                          attention_mask=real.long().to(device)), device)
                 bare_s += seconds
                 tokens += int(n.sum())
-            files.append(cache_dir / f"{task}.parquet")
-            pq.write_table(pa.concat_tables(out), files[-1])
-    arrows = [arrow_copy(f) for f in files]
-    save_file({"teacher_to_student": vocabulary_map(teacher_tok, student_tok)},
-              str(cache_dir / VOCABULARY_MAP))
-    manifest = {"format": CACHE_FORMAT, "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
-                "files": [f.name for f in files], "bytes": sum(f.stat().st_size for f in files),
-                "arrow_files": [f.name for f in arrows], "arrow_bytes": sum(f.stat().st_size for f in arrows),
-                "tokens": None}
-    (cache_dir / MANIFEST).write_text(json.dumps(manifest))
+            shards[task] = pa.concat_tables(out)
+    manifest = write_cache(cache_dir, shards, vocabulary_map(teacher_tok, student_tok), tokens=None)
     return {"teacher_tokens": tokens, "cache_tokens_per_s": round(tokens / cache_s, 1),
             "bare_forward_tokens_per_s": round(tokens / bare_s, 1),
             "ratio_cache_over_bare": round(bare_s / cache_s, 3),
@@ -344,8 +332,9 @@ def main() -> None:
     result["teacher_build_s"] = round(seconds, 1)
     rows = training_rows(args.data, args.rows)
     with tempfile.TemporaryDirectory() as tmp:
-        result["cache"] = measure_cache(teacher, teacher_tok, student_tok, rows, args, device, Path(tmp))
-        result["step"] = measure_steps(Path(tmp), teacher, student_tok, args, device, peak)
+        cache_dir = Path(tmp) / "cache"
+        result["cache"] = measure_cache(teacher, teacher_tok, student_tok, rows, args, device, cache_dir)
+        result["step"] = measure_steps(cache_dir, teacher, student_tok, args, device, peak)
     result["eval"] = {"teacher": measure_eval(teacher, teacher_tok, args.data, args)}
     del teacher
     student = build_llama(TINYLLAMA_1B, args.student_layers, student_tok, device,

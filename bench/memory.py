@@ -10,7 +10,7 @@ The large cache is the same rows `--times` over (ids made unique), written as th
 writes (Parquet shards, their Arrow IPC copies, manifest). Each trial runs in a fresh process
 (DistillationRecipe, group `combined`, its batches read as the trial reads them), the same
 number of steps, so both read the same number of rows:
-- `rss_mb_*`: the process's peak resident set (ru_maxrss), pages of the mapped cache it touched
+- `rss_mb_*`: the process's peak resident set (VmHWM, see process_memory), pages of the mapped cache it touched
   included (those are the OS page cache's, shared by every trial on the node);
 - `anon_mb_*`: its private memory (RssAnon) at the end: what the trial itself holds;
 - `batch_read_s` / `step_s`: mean seconds to read and decode a step's batch (no prefetching, to
@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -57,13 +56,6 @@ def tile_cache(source: Path, target: Path, times: int) -> Path:
     return target
 
 
-def _anon_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def run_trial(config: dict) -> dict:
     """In this process: a trial's steps, timed; its peak and private memory."""
     from distill_core.training import DistillationRecipe
@@ -78,8 +70,9 @@ def run_trial(config: dict) -> dict:
         recipe.train_step(step, batch.to(recipe.device))
         reads.append(read - start)
         steps.append(time.perf_counter() - read)
-    return {"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "anon_mb": _anon_mb(), "batch_read_s": sum(reads) / len(reads),
+    from process_memory import anon_mb, peak_rss_mb  # bench/, the script's own folder
+
+    return {"rss_mb": peak_rss_mb(), "anon_mb": anon_mb(), "batch_read_s": sum(reads) / len(reads),
             "step_s": sum(steps) / len(steps)}
 
 

@@ -307,6 +307,28 @@ def build_teacher_cache(aligned: pa.Table, out_dir: Path, *, teacher_dir: str,
     return manifest
 
 
+def write_cache(out_dir: Path, shards: dict[str, pa.Table], mapping: torch.Tensor, **manifest) -> dict:
+    """Signal tables (TeacherSignals' output) written as a complete cache without Ray: one
+    Parquet shard a table (named by its key), its Arrow IPC copy, the vocabulary map and the
+    manifest (`manifest` adds to it), moved into place whole. For tools that run the teacher
+    themselves (bench/); the graph's caches come from build_teacher_cache."""
+    from safetensors.torch import save_file
+
+    with atomic_directory(Path(out_dir)) as tmp:
+        files = []
+        for name, table in shards.items():
+            files.append(tmp / f"{name}.parquet")
+            pq.write_table(table.select(CACHE_SCHEMA.names), files[-1])
+        arrow_files = [arrow_copy(f) for f in files]
+        save_file({"teacher_to_student": mapping}, str(tmp / VOCABULARY_MAP))
+        manifest = {"format": CACHE_FORMAT, "rows": sum(len(t) for t in shards.values()),
+                    "files": [f.name for f in files], "bytes": sum(f.stat().st_size for f in files),
+                    "arrow_files": [f.name for f in arrow_files],
+                    "arrow_bytes": sum(f.stat().st_size for f in arrow_files), **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str))
+    return manifest
+
+
 def arrow_copy(shard: Path, rows_per_batch: int = 256) -> Path:
     """The Parquet shard's rows as an uncompressed Arrow IPC file beside it, written a few
     hundred rows at a time. Trials memory-map these (distill_core.cache_reader): Parquet pages
