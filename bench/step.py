@@ -13,7 +13,9 @@ Shapes (`--shapes`, both by default):
 The teacher is random (what it knows does not change the step's cost); its signals are cached
 as the graph caches them (TeacherSignals; Parquet, Arrow IPC copies, vocabulary map).
 
-Variants, each `--warmup` untimed steps then `--steps` timed, 2 threads, the same batches:
+Variants, each `--warmup` untimed steps then `--steps` timed, 2 threads, the same batches, in
+`--repeats` processes a variant run round robin (its figures: the fastest process's; peak
+memory: the median):
 - `sft`: the student as LlamaForCausalLM with `labels=input_ids` (pads ignored): logits at every
   position, HF's cross-entropy, backward, clipping, AdamW. Batches already in memory.
 - `naive_kd` (bench shapes: one vocabulary): the student's logits at every position,
@@ -37,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -49,9 +52,9 @@ GROUPS = ("task_only", "black_box", "hidden_state", "attention", "combined")
 REPORT_EVERY = 50  # the tiny preset's
 BENCH_SHAPES = {
     "teacher": dict(source="init", hidden_size=512, num_layers=6, num_heads=8, num_kv_heads=2,
-                    intermediate_size=1408),
+                    intermediate_size=1408, tokenizer={"kind": "byte_level_bpe", "vocab_size": 8000}),
     "student": dict(source="init", hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
-                    intermediate_size=704),
+                    intermediate_size=704, tokenizer={"kind": "byte_level_bpe", "vocab_size": 8000}),
     "vocab_size": 8000, "row_tokens": 256, "batch_size": 8,
 }
 
@@ -112,8 +115,8 @@ def setup_bench(root: Path, data_dir: Path, n_rows: int) -> dict:
     rows = long_rows(tokenizer, texts, n_rows, BENCH_SHAPES["row_tokens"])
     setup = write_setup(root, ModelConfig(**BENCH_SHAPES["teacher"]), tokenizer, tokenizer, rows,
                         BENCH_SHAPES["row_tokens"] + 8)
-    setup["overrides"] = {**{f"student.{k}": v for k, v in BENCH_SHAPES["student"].items()
-                             if k != "source"},
+    setup["overrides"] = {**{f"{model}.{k}": v for model in ("teacher", "student")
+                             for k, v in BENCH_SHAPES[model].items() if k != "source"},
                           "distill.batch_size": BENCH_SHAPES["batch_size"], "max_length": setup["max_length"]}
     return setup
 
@@ -140,11 +143,11 @@ def setup_tiny(root: Path, n_rows: int) -> dict:
 
 # --- one variant (child process) --------------------------------------------------------------
 
-def trial_config(setup: dict, group: str, steps: int) -> dict:
+def trial_config(setup: dict, group: str, steps: int, report_every: int) -> dict:
     from distill_core.config import load_config
 
     cfg = load_config("tiny", {**setup["overrides"], "distill.steps": steps, "distill.distill_positions": "all",
-                               "distill.report_every": REPORT_EVERY, "distill.checkpoint_every": REPORT_EVERY,
+                               "distill.report_every": report_every, "distill.checkpoint_every": report_every,
                                "distill.resources_per_trial": {"cpu": 2}})
     return {"experiment": cfg.model_dump(mode="json"), "cache_dirs": [setup["cache_dir"]],
             "teacher_dir": setup["teacher_dir"], "student_tokenizer_dir": setup["student_tokenizer_dir"],
@@ -153,27 +156,20 @@ def trial_config(setup: dict, group: str, steps: int) -> dict:
 
 
 def run_group(setup: dict, group: str, warmup: int, steps: int) -> dict:
-    """kdbench's trial loop: `warmup` + `steps` ordinary steps, then two report steps."""
+    """kdbench's trial loop over `warmup` + `steps` steps, the last a report step (as every
+    report_every-th step of a trial is). Each step is timed from the previous step's end to its
+    own: waiting for its batch is part of it."""
     from distill_core.training import DistillationRecipe
 
-    recipe = DistillationRecipe(trial_config(setup, group, REPORT_EVERY))
+    recipe = DistillationRecipe(trial_config(setup, group, warmup + steps, report_every=warmup + steps))
     recipe.setup()
-    ends, report = [time.perf_counter()], []
-    batches = recipe.batches()
-    for step, batch in batches:
-        if step == warmup + steps:  # jump to the report window's last step
-            recipe.step = REPORT_EVERY - 2
-            break
+    ends = [time.perf_counter()]
+    for step, batch in recipe.batches():
         recipe.train_step(step, batch)
         ends.append(time.perf_counter())
-    batches.close()  # stops its prefetch thread
-    for step, batch in recipe.batches():
-        start = time.perf_counter()
-        assert recipe.measures_all(step) == (step == REPORT_EVERY - 1)
-        recipe.train_step(step, batch)
-        if recipe.measures_all(step):
-            report.append(time.perf_counter() - start)
-    return {"steps_s": [b - a for a, b in zip(ends, ends[1:])][warmup:], "report_step_s": report[0]}
+        assert recipe.measures_all(step) == (step == warmup + steps - 1)
+    seconds = [b - a for a, b in zip(ends, ends[1:])]
+    return {"steps_s": seconds[warmup:-1], "report_step_s": seconds[-1]}
 
 
 def _plain_batches(setup: dict, count: int, batch_size: int):
@@ -287,27 +283,44 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=("bench", "tiny"), default=["bench", "tiny"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps a variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--repeats", type=int, default=2, help="processes a variant (round robin)")
     parser.add_argument("--variants", nargs="+", default=["sft", "naive_kd", *GROUPS])
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="keep the models and caches here, and reuse them on the next run")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.child:
         print(json.dumps(child(json.loads(Path(args.child).read_text()))))
         return
-    out: dict = {"steps": args.steps, "warmup": args.warmup, "threads": 2, "report_every": REPORT_EVERY}
+    out: dict = {"steps": args.steps, "warmup": args.warmup, "repeats": args.repeats, "threads": 2,
+                 "report_every": REPORT_EVERY}
     with tempfile.TemporaryDirectory() as tmp:
         for shapes in args.shapes:
-            # Enough rows that no timed batch repeats: the trial reads (warmup + steps + 2) batches.
+            # Enough rows that no batch repeats: a trial reads (warmup + steps) batches.
             batch = BENCH_SHAPES["batch_size"] if shapes == "bench" else 16
-            n_rows = batch * (args.warmup + args.steps + 2)
-            root = Path(tmp) / shapes
-            setup = setup_bench(root, args.data, n_rows) if shapes == "bench" else setup_tiny(root, n_rows)
+            n_rows = batch * (args.warmup + args.steps)
+            root = (args.workdir or Path(tmp)) / shapes
+            saved = root / "setup.json"  # from an earlier run with --workdir
+            if saved.exists() and json.loads(saved.read_text())["rows"] >= n_rows:
+                setup = json.loads(saved.read_text())
+            else:
+                shutil.rmtree(root, ignore_errors=True)
+                setup = setup_bench(root, args.data, n_rows) if shapes == "bench" else setup_tiny(root, n_rows)
+                (root / "setup.json").write_text(json.dumps(setup))
             result = {"tokens_per_row": setup["tokens_per_row"], "batch_size": batch}
-            for variant in args.variants:
-                if variant == "naive_kd" and shapes == "tiny":
-                    continue  # two vocabularies: there is no naive KL between them
-                result[variant] = measure({"setup": setup, "variant": variant,
-                                           "warmup": args.warmup, "steps": args.steps})
+            variants = [v for v in args.variants if not (v == "naive_kd" and shapes == "tiny")]
+            # (no naive KL between two vocabularies.) Round robin, so that a slow spell of this
+            # shared machine falls on every variant; each keeps its fastest process.
+            runs: dict[str, list[dict]] = {}
+            for _ in range(args.repeats):
+                for variant in variants:
+                    runs.setdefault(variant, []).append(measure(
+                        {"setup": setup, "variant": variant, "warmup": args.warmup, "steps": args.steps}))
+            for variant, measured in runs.items():
+                result[variant] = {**min(measured, key=lambda m: m["step_s"]),
+                                   "rss_mb": round(statistics.median(m["rss_mb"] for m in measured), 1),
+                                   "step_s_runs": [m["step_s"] for m in measured]}
             out[shapes] = {**result, **ratios(result)}
     print(json.dumps(out, indent=2))
 

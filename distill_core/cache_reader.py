@@ -125,8 +125,9 @@ class TeacherCacheReader:
             topk_logprobs[chunk_real] = _bf16_values(rows["topk_logprobs"])[0].view(-1, k).to(self.signal_dtype)
         task_mask = torch.zeros_like(answer)
         task_mask[:, :-1] = answer[:, 1:]
+        chunks_are_tokens = c == t and bool(((token_chunk == torch.arange(t)) | ~real).all())
         return Batch(ids, real.long(), task_mask, ends, distill, token_chunk, hidden, attention,
-                     queries, topk_ids, topk_logprobs)
+                     queries, topk_ids, topk_logprobs, chunks_are_tokens)
 
     def _distilled_chunks(self, answer, token_chunk, n_chunks, c) -> torch.Tensor:
         """[B, C]: the chunks whose prediction L_KD / L_align_hidden use: every chunk but a

@@ -13,7 +13,7 @@ from distill_core.final_layer_attention import capture_final_attention
 @dataclass
 class StudentOutputs:
     hidden: torch.Tensor            # [B, T, d_student], final layer, after the final norm
-    attention: torch.Tensor | None  # [B, H, T, T] final-layer attention probabilities
+    attention: torch.Tensor | None  # [B, H, T or Q, T] final-layer attention probabilities
 
 
 class DistillationStudent(nn.Module):
@@ -39,14 +39,16 @@ class DistillationStudent(nn.Module):
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         self.model.model.layers[-1].gradient_checkpointing = False
 
-    def forward(self, input_ids, attention_mask, with_attention: bool = False) -> StudentOutputs:
-        """Hidden states (and attention); logits come from `logits`, for the positions a
-        loss needs only: the vocabulary projection is the costliest op of a small model."""
+    def forward(self, input_ids, attention_mask, with_attention: bool = False,
+                query_positions: torch.Tensor | None = None) -> StudentOutputs:
+        """Hidden states (and attention: every row, or with `query_positions` [B, Q] only
+        those rows); logits come from `logits`, for the positions a loss needs only: the
+        vocabulary projection is the costliest op of a small model."""
         # No KV cache: nothing generates here, and it would hold every layer's keys and values.
-        if not with_attention:
+        if not with_attention and query_positions is None:
             out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return StudentOutputs(out.last_hidden_state, None)
-        with capture_final_attention(self.model, attention_mask) as captured:
+        with capture_final_attention(self.model, attention_mask, query_positions) as captured:
             out = self.model.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return StudentOutputs(out.last_hidden_state, captured["probs"])
 

@@ -10,8 +10,8 @@ state included) and resumes from `ray.tune.get_checkpoint()` when Tune restarts 
 student is a plain HF model directory that says by itself what produced it (kdbench.json).
 
 The trial runs on the GPU Ray gave it, if any, in the preset's precision (distill_core.device),
-and reads the cache from memory-mapped Arrow files while the previous step runs
-(distill_core.cache_reader, batching.Prefetcher): its memory does not grow with the cache.
+and reads the cache from memory-mapped Arrow files (distill_core.cache_reader; on a GPU while
+the previous step runs, batching.Prefetcher): its memory does not grow with the cache.
 """
 
 from __future__ import annotations
@@ -196,15 +196,22 @@ class DistillationRecipe:
 
     def batches(self) -> Iterator[tuple[int, Batch]]:
         """(step, its batch on the device) for every step left; step s's rows depend only on
-        (seed, s), and the next batches are read, decoded and pinned while a step runs."""
+        (seed, s). On a GPU the next batches are read, decoded and pinned while a step runs.
+        On a CPU they are read between steps: the step itself keeps every core the trial has
+        busy, and a reading thread beside it stalls torch's threads (bench/step.py: a step
+        ~10% slower with the thread, for a 3 ms read)."""
         def host_batch(step: int) -> Batch:
             return self.data.batch(self.schedule.batch(step)).pin(self.device)
 
-        for step, batch in Prefetcher(host_batch, range(self.step, self.cfg.distill.steps)):
+        steps = range(self.step, self.cfg.distill.steps)
+        ahead = Prefetcher(host_batch, steps) if self.device.type == "cuda" else \
+            ((step, host_batch(step)) for step in steps)
+        for step, batch in ahead:
             yield step, batch.to(self.device)
 
     def measures_all(self, step: int) -> bool:
-        """Unweighted terms (L_align_attn) are measured on the last step of each report window."""
+        """Terms the group does not train on are measured on the last step of each report
+        window (objective.distillation_loss); the window's other steps compute only its own."""
         done, dcfg = step + 1, self.cfg.distill
         return done % dcfg.report_every == 0 or done == dcfg.steps
 
