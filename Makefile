@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+BROWSER_STAMP := $(VENV)/.browser-stamp
 PRESET ?= tiny
 
 export RAY_AUTH_MODE ?= disabled
@@ -18,11 +19,15 @@ $(STAMP): pyproject.toml scripts/install.sh
 
 install: $(STAMP)
 
+# The UI test's browser: for the suite only, not the demo.
+$(BROWSER_STAMP): scripts/install_browser.sh | $(STAMP)
+	scripts/install_browser.sh
+	touch $@
+
 demo: $(STAMP)
-	mkdir -p $(DAGSTER_HOME)
 	$(BIN)/kdbench demo --preset $(PRESET)
 
-test: $(STAMP)
+test: $(STAMP) $(BROWSER_STAMP)
 	$(BIN)/python -m pytest
 
 ui: $(STAMP)

@@ -25,7 +25,7 @@ from distill_core.teacher_cache import training_contexts
 from distill_core.tokenizer_training import model_tokenizer
 
 
-def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, loss: None):
+def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, total, loss: None):
     """contexts: DataFrame with id, context, answer (see teacher_cache.training_contexts).
     On this process's GPU if it has one, in the preset's precision (float32 master weights
     under bf16 autocast); the model comes back on the CPU."""
@@ -40,6 +40,7 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, l
     total = steps_per_epoch * tcfg.train_epochs
     optimizer = adamw(model.parameters(), tcfg.lr, 0.01, device)
     warmup = max(1, total // 20)
+    log_every = max(1, total // 5)  # five lines, whatever the preset's size
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total)))
     model.train()
@@ -63,13 +64,13 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, l
             schedule.step()
             step += 1
             loss_value = loss.item()
-            if step % 20 == 0 or step == total:
-                log(step, loss_value)
+            if step % log_every == 0 or step == total:
+                log(step, total, loss_value)
     model.eval()
     return model.cpu(), {"steps": step, "final_loss": loss_value}
 
 
-def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step, loss: None) -> dict:
+def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step, total, loss: None) -> dict:
     """The teacher_model asset's work: a local HF dir holding the frozen teacher with its
     tokenizer and, under `student_tokenizer/`, the student's tokenizer. tiny: train both
     tokenizers (different families and sizes, as the real pair's) and the teacher on

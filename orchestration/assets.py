@@ -16,7 +16,7 @@ from distill_core import (cache_size, evaluation, grid, statistics, tasks, teach
 from distill_core.config import TASKS
 from distill_core.storage import write_parquet_atomic
 from distill_core.training import CHECKPOINT_META, write_untrained_student
-from orchestration import checks
+from orchestration import checks, console
 from orchestration.sources import eval_files, train_files
 from orchestration.lineage import dir_bytes, file_sha256, upstream
 from orchestration.partitions import task_partitions
@@ -111,7 +111,8 @@ def teacher_model(context: dg.AssetExecutionContext, experiment: ExperimentResou
     out_dir = experiment.root() / "teacher" / _key(identity)
     rows = [pd.read_parquet(inputs[t]["path"]) for t in TASKS]
     info = teacher_training.prepare_teacher(
-        cfg, rows, out_dir, log=lambda step, loss: context.log.info(f"teacher step {step}: loss {loss:.4f}"))
+        cfg, rows, out_dir,
+        log=lambda step, total, loss: context.log.info(f"teacher step {step}/{total}: loss {loss:.4f}"))
     version = file_sha256(*sorted(out_dir.glob("*.safetensors")))[:16]
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(str(out_dir)),
@@ -218,8 +219,12 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
         mlflow={"tracking_uri": mlflow.resolved_uri(), "experiment_id": experiment_id,
                 "parent_run_id": parent_id})
     try:
-        results = grid.run_grid(cfg, experiment.tune_storage(),
-                                f"{cfg.name}-{grid_key}", space)
+        from distill_core.grid_progress import GridProgress  # imports Ray Tune
+
+        progress = GridProgress(len(cfg.distill.groups) * cfg.distill.seeds, cfg.distill.steps,
+                                log=context.log.info, live=console.live_stream())
+        results = grid.run_grid(cfg, experiment.tune_storage(), f"{cfg.name}-{grid_key}", space,
+                                callbacks=[progress], tune_output=console.verbose())
     except Exception:
         client.set_terminated(parent_id, "FAILED")
         raise

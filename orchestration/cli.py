@@ -1,6 +1,7 @@
 """The `kdbench` command line.
 
-  kdbench demo [--preset NAME] [--set key=value ...]      materialize the whole asset graph
+  kdbench demo [--preset NAME] [--set key=value ...] [--verbose]
+                                                        materialize the whole asset graph
   kdbench estimate [--preset NAME] [--set key=value ...]  the teacher cache's size, as JSON
   kdbench eval --checkpoint DIR --task TASK --data-dir DIR [--subjects a,b] [--limit N]
                [--predictions FILE]         one HF checkpoint on a real task, JSON last line
@@ -37,17 +38,23 @@ def demo(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(err, file=sys.stderr)
         return 2
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(Path(".dagster").resolve())))
-    home.mkdir(parents=True, exist_ok=True)
+    if args.verbose:
+        os.environ["KDBENCH_VERBOSE"] = "1"
     import dagster as dg
 
+    from orchestration import console
+
+    console.instance_home()
+    if not args.verbose:
+        console.quiet_process()
     from orchestration.definitions import resources
     from orchestration.study import materialize_study
 
     started = time.perf_counter()
+    print(f"kdbench {cfg.name}: materializing the asset graph (Dagster home {os.environ['DAGSTER_HOME']})")
     res = resources(preset=args.preset, overrides_json=json.dumps(overrides))
     with dg.DagsterInstance.get() as instance:
-        metadata = materialize_study(res, instance)
+        metadata = materialize_study(res, instance, verbose=args.verbose)
     report = metadata["comparison_report"]
     evaluated = metadata["evaluation_table"]
     print("\n" + "=" * 80)
@@ -132,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="tiny", help="a name in configs/ or a YAML path")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set distill.seeds=2")
+    p.add_argument("--verbose", action="store_true",
+                   help="everything: Dagster's events, Ray's and Tune's own output, all warnings")
     p.set_defaults(func=demo)
     p = sub.add_parser("estimate", help="print the teacher cache's size for a preset, as JSON")
     p.add_argument("--preset", default="tiny", help="a name in configs/ or a YAML path")

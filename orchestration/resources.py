@@ -11,6 +11,7 @@ from pathlib import Path
 import dagster as dg
 
 from distill_core.config import ExperimentConfig, load_config
+from orchestration.console import ray_logging_level
 
 STORAGE_ROOT_VARIABLE = "KDBENCH_STORAGE_ROOT"
 
@@ -64,10 +65,12 @@ class RayResource(dg.ConfigurableResource):
             require_reachable(address, self.connect_timeout_s)
         if ray.is_initialized():
             return
+        level = ray_logging_level()  # its "Started a local Ray instance" only with --verbose
         if address:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address, log_to_driver=False, logging_level=level)
         else:
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False,
+                     logging_level=level)
 
     def nodes(self) -> int:
         """How many nodes the cluster has now."""

@@ -11,6 +11,8 @@ MLFLOW_HOST=${MLFLOW_HOST:-$HOST}
 STORAGE=${KDBENCH_STORAGE_ROOT:-$PWD}
 export DAGSTER_HOME=${DAGSTER_HOME:-$PWD/.dagster}
 mkdir -p "$DAGSTER_HOME"
+# The project's instance settings (telemetry off), unless the home has its own.
+[ -f "$DAGSTER_HOME/dagster.yaml" ] || cp dagster.yaml "$DAGSTER_HOME/dagster.yaml"
 
 # dagster dev started from a script ignores SIGINT unless INT is untrapped for it; setsid gives
 # it a process group of its own (its code servers included) that stop() can end as a whole.

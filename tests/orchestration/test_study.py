@@ -1,6 +1,8 @@
 """The whole graph, materialized in-process on a reduced grid (2 groups x 2 seeds, a few steps),
 with a local Ray and MLflow on a temporary sqlite file; the outputs are checked, not just run."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -40,10 +42,28 @@ def study(tmp_path_factory, ray_local):
         env.setenv("HF_TOKEN", SECRET)
         res = resources(overrides_json=json.dumps(OVERRIDES), storage_root=str(root),
                         tracking_uri=uri, artifact_root=str(root / "mlruns"))
+        console = io.StringIO()  # what `kdbench demo` would print (not a terminal)
         with dg.instance_for_test() as instance:  # sets DAGSTER_HOME: other processes can open it
-            metadata = materialize_study(res, instance, log=lambda _: None)
+            with contextlib.redirect_stdout(console):
+                metadata = materialize_study(res, instance, log=print, verbose=False)
             yield {"root": root, "uri": uri, "metadata": metadata, "instance": instance,
-                   "resources": res}
+                   "resources": res, "console": console.getvalue().splitlines()}
+
+
+def test_the_console_shows_stages_and_every_finished_trial_and_nothing_else(study):
+    lines = study["console"]
+    for asset in ("train_examples [sst2]", "eval_examples [gsm8k]", "teacher_model", "teacher_cache [mmlu]",
+                  "student_checkpoints", "evaluation_table", "comparison_report"):
+        assert sum(line.startswith(asset) for line in lines) == 1, (asset, lines)
+    finished = [line for line in lines if "student_checkpoints: trial " in line and " done: " in line]
+    assert len(finished) == 4, lines  # one line per trial, as it finishes, with the grid's state
+    assert {f"trial {k}/4 done" for k in range(1, 5)} == {line.split(": ")[1] for line in finished}
+    assert all("L_task" in line and "trials done" in line for line in finished)
+    assert any("grid finished: 4 of 4 trials" in line for line in lines)
+    assert any("teacher_model: teacher step" in line for line in lines)
+    # Dagster's event stream (STEP_START, ...) and run ids stay out of the study's console.
+    assert not any("STEP_START" in line or "RUN_SUCCESS" in line for line in lines), lines
+    assert len(lines) < 40, lines
 
 
 def test_every_asset_and_partition_is_materialized_with_its_code_version(study):

@@ -3,8 +3,8 @@
 seven assets in Dagster's asset graph and the trial runs nested under their grid's parent run
 in MLflow; Ctrl-C stops both servers and everything they started.
 
-The browser tests are skipped where Chromium or its driver is missing (scripts/install.sh
-installs both with apt where it can); the servers' tests run everywhere."""
+The browser tests are skipped where Chromium or its driver is missing (scripts/install_browser.sh, run by
+`make test`, installs both with apt where it can); the servers' tests run everywhere."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 needs_chromium = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
-    reason="Chromium and chromedriver are not installed (scripts/install.sh installs them with apt)")
+    reason="Chromium and chromedriver are not installed (scripts/install_browser.sh, run by make test, installs them with apt)")
 
 ASSETS = sorted(key.to_user_string() for a in all_assets for key in a.keys)
 TRIALS = [f"{g}-seed{s}" for g in ("black_box", "combined") for s in (0, 1)]
