@@ -13,6 +13,8 @@ number of steps, so both read the same number of rows:
 - `rss_mb_*`: the process's peak resident set (VmHWM, see process_memory), pages of the mapped cache it touched
   included (those are the OS page cache's, shared by every trial on the node);
 - `anon_mb_*`: its private memory (RssAnon) at the end: what the trial itself holds;
+- `peak_anon_mb_*`: the highest private memory sampled (every 5 ms) while the trial ran: what
+  it held at its peak, transient copies included, without the mapped cache's pages;
 - `batch_read_s` / `step_s`: mean seconds to read and decode a step's batch (no prefetching, to
   see its cost) and to take the step, in the large-cache process.
 """
@@ -58,22 +60,23 @@ def tile_cache(source: Path, target: Path, times: int) -> Path:
 
 def run_trial(config: dict) -> dict:
     """In this process: a trial's steps, timed; its peak and private memory."""
+    from process_memory import PrivatePeak, anon_mb, peak_rss_mb  # bench/, the script's own folder
+
     from distill_core.training import DistillationRecipe
 
     recipe = DistillationRecipe(config)
     recipe.setup()
     reads, steps = [], []
-    for step in range(recipe.cfg.distill.steps):
-        start = time.perf_counter()
-        batch = recipe.data.batch(recipe.schedule.batch(step))
-        read = time.perf_counter()
-        recipe.train_step(step, batch.to(recipe.device))
-        reads.append(read - start)
-        steps.append(time.perf_counter() - read)
-    from process_memory import anon_mb, peak_rss_mb  # bench/, the script's own folder
-
-    return {"rss_mb": peak_rss_mb(), "anon_mb": anon_mb(), "batch_read_s": sum(reads) / len(reads),
-            "step_s": sum(steps) / len(steps)}
+    with PrivatePeak(every_s=0.005) as private:
+        for step in range(recipe.cfg.distill.steps):
+            start = time.perf_counter()
+            batch = recipe.data.batch(recipe.schedule.batch(step))
+            read = time.perf_counter()
+            recipe.train_step(step, batch.to(recipe.device))
+            reads.append(read - start)
+            steps.append(time.perf_counter() - read)
+    return {"rss_mb": peak_rss_mb(), "anon_mb": anon_mb(), "peak_anon_mb": private.mb,
+            "batch_read_s": sum(reads) / len(reads), "step_s": sum(steps) / len(steps)}
 
 
 def measure(config: dict) -> dict:
@@ -160,6 +163,7 @@ def main() -> None:
             out[f"cache_mb_{label}"] = round(sum(m["bytes"] + m["arrow_bytes"] for m in manifests) / 2**20, 1)
             out[f"rss_mb_{label}"] = round(result["rss_mb"], 1)
             out[f"anon_mb_{label}"] = round(result["anon_mb"], 1)
+            out[f"peak_anon_mb_{label}"] = round(result["peak_anon_mb"], 1)
             out["batch_read_s"], out["step_s"] = round(result["batch_read_s"], 4), round(result["step_s"], 4)
         large = f"{args.times}x"
         out["rss_ratio"] = round(out[f"rss_mb_{large}"] / out["rss_mb_1x"], 3)

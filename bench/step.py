@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=("bench", "tiny"), default=["bench", "tiny"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps a variant")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    parser.add_argument("--repeats", type=int, default=2, help="processes a variant (round robin)")
+    parser.add_argument("--repeats", type=int, default=3, help="processes a variant (round robin)")
     parser.add_argument("--variants", nargs="+", default=["sft", "naive_kd", *GROUPS])
     parser.add_argument("--workdir", type=Path, default=None,
                         help="keep the models and caches here, and reuse them on the next run")
