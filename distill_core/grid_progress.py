@@ -46,6 +46,7 @@ class GridProgress(Callback):
         self._steps_done: dict[str, int] = {}
         self._trial_started: dict[str, float] = {}
         self._latest: dict[str, float] = {}
+        self._done: set[str] = set()
         self._counts = {"done": 0, "failed": 0, "running": 0, "pending": trials}
 
     def __getstate__(self) -> dict:
@@ -73,6 +74,7 @@ class GridProgress(Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._steps_done[trial.trial_id] = self.steps
+        self._done.add(trial.trial_id)
         self._update(trials)
         took = self.clock() - self._trial_started.get(trial.trial_id, self.started)
         result = trial.last_result or {}
@@ -117,11 +119,13 @@ class GridProgress(Callback):
     def _update(self, trials) -> None:
         from ray.tune.experiment import Trial
 
-        status = [t.status for t in trials]
-        self._counts = {"done": status.count(Trial.TERMINATED), "failed": status.count(Trial.ERROR),
-                        "running": status.count(Trial.RUNNING),
-                        "pending": self.trials - len(trials) + status.count(Trial.PENDING)
-                        + status.count(Trial.PAUSED)}
+        # Tune calls on_trial_complete before it marks the trial TERMINATED: the trials this
+        # callback saw complete count as done whatever their status says yet.
+        done = self._done | {t.trial_id for t in trials if t.status == Trial.TERMINATED}
+        failed = {t.trial_id for t in trials if t.status == Trial.ERROR} - done
+        running = {t.trial_id for t in trials if t.status == Trial.RUNNING} - done
+        self._counts = {"done": len(done), "failed": len(failed), "running": len(running),
+                        "pending": self.trials - len(done) - len(failed) - len(running)}
         now = self.clock()
         if self.live is not None:
             if now - self._last_draw >= 0.5:
