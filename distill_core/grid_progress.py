@@ -1,10 +1,11 @@
 """What a grid shows while it runs: a Ray Tune callback, fed by the trials' own reports.
 
 It counts trials (finished, running, pending), the steps they reported, the elapsed and the
-estimated remaining time, and keeps the latest losses. Every finished (or failed) trial is a
-line to `log` (a Dagster run's log, so a grid started from the UI can be followed there). On a
-terminal (`live`), a status line is redrawn in place between those lines; without one, the
-status is also a plain line to `log` every `every_s` seconds in which no trial finished.
+estimated remaining time, and keeps the latest losses. Every finished trial is a line to
+`trial_log` (by default `log`; a Dagster run's log, so a grid started from the UI can be
+followed there), a failed one a line to `log`. On a terminal (`live`), a status line is
+redrawn in place between those lines; without one, the status is also a plain line to `log`
+every `every_s` seconds in which no trial finished.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class GridProgress(Callback):
     """Progress of a grid of `trials` trials of `steps` steps each."""
 
     def __init__(self, trials: int, steps: int, log: Callable[[str], None], live: TextIO | None = None,
-                 every_s: float = 30.0, clock: Callable[[], float] = time.monotonic):
+                 every_s: float = 30.0, clock: Callable[[], float] = time.monotonic,
+                 trial_log: Callable[[str], None] | None = None):
         self.trials, self.steps, self.log, self.live = trials, steps, log, live
+        self.trial_log = trial_log or log  # the finished trials' lines (a terminal has the live line)
         self.every_s, self.clock = every_s, clock
         self.started = clock()
         self._last_plain = self._last_draw = self.started
@@ -52,7 +55,8 @@ class GridProgress(Callback):
     def __getstate__(self) -> dict:
         # Tune pickles its run config, callbacks included; a stream or a run's logger is not
         # picklable, and a resumed run brings its own (grid.run_grid).
-        return {**self.__dict__, "log": _discard, "live": None, "clock": time.monotonic}
+        return {**self.__dict__, "log": _discard, "trial_log": _discard, "live": None,
+                "clock": time.monotonic}
 
     @staticmethod
     def name(trial) -> str:
@@ -80,12 +84,13 @@ class GridProgress(Callback):
         result = trial.last_result or {}
         losses = " ".join(f"{k} {result[k]:.4g}" for k in LOSSES if k in result)
         self._line(f"trial {self._counts['done']}/{self.trials} done: {self.name(trial)}, "
-                   f"{self.steps} steps in {duration(took)}, {losses} | {self.status()}")
+                   f"{self.steps} steps in {duration(took)}, {losses} | {self.counts()}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._update(trials)
         self._line(f"trial {self.name(trial)} failed (Tune retries it up to its max_failures; "
-                   f"the error is in its log under the grid's storage) | {self.status()}")
+                   f"the error is in its log under the grid's storage) | {self.counts()}",
+                   always=True)
 
     def on_step_end(self, iteration, trials, **info):
         self._update(trials)
@@ -105,12 +110,17 @@ class GridProgress(Callback):
         elapsed = self.clock() - self._first_steps
         return (self.trials * self.steps - done) * elapsed / done if elapsed > 0 else None
 
-    def status(self) -> str:
+    def counts(self) -> str:
         c = self._counts
         left = self.remaining_s()
-        losses = " ".join(f"{k} {v:.3g}" for k, v in self._latest.items())
         return (f"{c['done']}/{self.trials} trials done, {c['running']} running, {c['pending']} pending"
                 + (f", {c['failed']} failed" if c["failed"] else "")
+                + (f", ~{duration(left)} left" if left is not None else ""))
+
+    def status(self) -> str:
+        left = self.remaining_s()
+        losses = " ".join(f"{k} {v:.3g}" for k, v in self._latest.items())
+        return (self.counts().rsplit(", ~", 1)[0]
                 + f" | steps {sum(self._steps_done.values()):,}/{self.trials * self.steps:,}"
                 + f" | {duration(self.clock() - self.started)} elapsed"
                 + (f", ~{duration(left)} left" if left is not None else "")
@@ -134,9 +144,9 @@ class GridProgress(Callback):
             self._last_plain = now
             self.log(f"grid: {self.status()}")
 
-    def _line(self, text: str) -> None:
+    def _line(self, text: str, always: bool = False) -> None:
         self._clear()
-        self.log(text)
+        (self.log if always else self.trial_log)(text)
         self._last_plain = self.clock()
         if self.live is not None:
             self._draw()

@@ -40,7 +40,7 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, t
     total = steps_per_epoch * tcfg.train_epochs
     optimizer = adamw(model.parameters(), tcfg.lr, 0.01, device)
     warmup = max(1, total // 20)
-    log_every = max(1, total // 5)  # five lines, whatever the preset's size
+    log_every = max(1, math.ceil(total / 5))  # five lines, whatever the preset's size
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / total)))
     model.train()
@@ -64,7 +64,7 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, t
             schedule.step()
             step += 1
             loss_value = loss.item()
-            if step % log_every == 0 or step == total:
+            if (step % log_every == 0 and step < total) or step == total:
                 log(step, total, loss_value)
     model.eval()
     return model.cpu(), {"steps": step, "final_loss": loss_value}

@@ -218,16 +218,23 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
         cache_version=cache_version, code_version=code_version,
         mlflow={"tracking_uri": mlflow.resolved_uri(), "experiment_id": experiment_id,
                 "parent_run_id": parent_id})
+    live = console.live_stream()
     try:
         from distill_core.grid_progress import GridProgress  # imports Ray Tune
 
+        # On a terminal the live line shows each finished trial; the run log gets its line at
+        # DEBUG then (the UI shows it, the console at INFO does not repeat it).
         progress = GridProgress(len(cfg.distill.groups) * cfg.distill.seeds, cfg.distill.steps,
-                                log=context.log.info, live=console.live_stream())
+                                log=context.log.info, live=live,
+                                trial_log=context.log.debug if live else context.log.info)
         results = grid.run_grid(cfg, experiment.tune_storage(), f"{cfg.name}-{grid_key}", space,
                                 callbacks=[progress], tune_output=console.verbose())
     except Exception:
         client.set_terminated(parent_id, "FAILED")
         raise
+    finally:
+        if live is not None:
+            live.close()
     trials = []
     for result in results:
         group, seed = result.config["group"], result.config["seed"]

@@ -40,6 +40,8 @@ def demo(args: argparse.Namespace) -> int:
         return 2
     if args.verbose:
         os.environ["KDBENCH_VERBOSE"] = "1"
+    elif sys.stdout.isatty():  # the grid's progress is then redrawn in place (console.live_stream)
+        os.environ["KDBENCH_LIVE"] = "1"
     import dagster as dg
 
     from orchestration import console

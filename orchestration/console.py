@@ -24,9 +24,21 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV) == "1"
 
 
+LIVE_ENV = "KDBENCH_LIVE"
+
+
 def live_stream():
-    """Where a live progress line may be redrawn: the terminal, if output is one."""
-    return sys.stdout if sys.stdout.isatty() and not verbose() else None
+    """Where a live progress line may be redrawn: the terminal `kdbench demo` was started on
+    (it sets KDBENCH_LIVE when its output is one), opened directly. Inside a step Dagster has
+    redirected the process's output into its captured logs (the terminal gets a copy, later),
+    so standard output is no terminal there, and redraws would fill the captured log. None
+    when there is no such terminal (CI, a log file, a run from the UI)."""
+    if os.environ.get(LIVE_ENV) != "1" or verbose():
+        return None
+    try:
+        return open("/dev/tty", "w", buffering=1)
+    except OSError:
+        return None
 
 
 def instance_home() -> Path:
@@ -75,19 +87,12 @@ class _Stdout(logging.StreamHandler):
         pass
 
 
-class _DropMessages(logging.Filter):
-    def __init__(self, *fragments: str):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(f in record.getMessage() for f in self.fragments)
-
-
 def quiet_process() -> None:
     """In this process: the libraries' own progress displays and notices off, their loggers at
     WARNING (errors and real warnings still show)."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # Tune's advice to checkpoint less often, given every few seconds by short trials.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     for category in ("BetaWarning", "PreviewWarning", "SupersessionWarning"):
         if hasattr(dg, category):
             warnings.filterwarnings("ignore", category=getattr(dg, category))
@@ -97,10 +102,11 @@ def quiet_process() -> None:
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     transformers.utils.logging.disable_progress_bar()
-    for name in ("ray", "ray.data", "ray.tune", "ray.train", "mlflow", "alembic"):
+    for name in ("ray", "ray.tune", "ray.train", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    # Said once when progress bars are off, which is this function's doing.
-    logging.getLogger("ray.data").addFilter(_DropMessages("Progress bars disabled", "progress UI"))
+    # Ray Data warns that progress bars are off (this function's doing) and, while its actor
+    # pool holds every CPU of a small machine, that "the cluster has no available CPUs".
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
 
 
 def ray_logging_level() -> int:
@@ -117,6 +123,9 @@ def describe(metadata: dict) -> str:
             parts.append(f"{metadata[key]:,} {label}")
     if isinstance(metadata.get("final_loss"), float):
         parts.append(f"final loss {metadata['final_loss']:.3f}")
+    if isinstance(metadata.get("verdicts"), list):
+        parts.append(f"{len(metadata['verdicts'])} task verdicts")
     if isinstance(metadata.get("bytes"), int):
-        parts.append(f"{metadata['bytes'] / 2**20:.1f} MiB")
+        size = metadata["bytes"]
+        parts.append(f"{size / 2**20:.1f} MiB" if size >= 2**20 else f"{size / 2**10:.0f} KiB")
     return ", ".join(parts)

@@ -23,7 +23,7 @@ def materialize_study(resources: dict, instance: dg.DagsterInstance, log=print,
                       verbose: bool = True) -> dict[str, dict]:
     """Returns the latest materialization metadata of every asset (by asset name), and under
     "asset_checks" every check evaluation of the study's runs (asset, partition, check, passed).
-    `log` gets a line per materialized asset (what it produced, how long its stage took).
+    `log` gets a line per materialized asset (what it produced, how long its step took).
     Not `verbose`: Dagster's console shows the assets' own messages (INFO), one short line
     each (console.study_console), instead of the whole event stream."""
     evaluations = []
@@ -31,10 +31,13 @@ def materialize_study(resources: dict, instance: dg.DagsterInstance, log=print,
         for partition in partitions:
             started = time.perf_counter()
             result = _materialize(selection, partition, resources, instance, verbose)
-            took = duration(time.perf_counter() - started)
+            stage_s = time.perf_counter() - started
+            step_s = {e.step_key: e.event_specific_data.duration_ms / 1000
+                      for e in result.all_events if e.is_step_success}
             for event in result.get_asset_materialization_events():
                 metadata = {k: v.value for k, v in event.materialization.metadata.items()}
                 label = event.asset_key.to_user_string() + (f" [{partition}]" if partition else "")
+                took = duration(step_s.get(event.step_key, stage_s))
                 log(f"{label:<28} {took:>7}  {console.describe(metadata)}")
             evaluations += [{"asset": e.asset_key.to_user_string(), "partition": partition,
                              "check": e.check_name, "passed": e.passed}

@@ -50,11 +50,12 @@ def test_counts_estimate_and_a_line_per_finished_trial_without_a_terminal():
     clock.now += 30
     progress.on_step_end(0, trials)
     assert len(lines) == 1 and lines[0].startswith("grid: 0/4 trials done") and "~" in lines[0]
-    # Tune calls on_trial_complete before it marks the trial TERMINATED
+    # Tune calls on_trial_complete before it marks the trial TERMINATED; 150 of 400 steps in
+    # the 50 s since the first report: 250 left at 3 steps/s
     trials[0].last_result = {**result, "step": 100, "loss": 1.25}
     progress.on_trial_complete(0, trials, trials[0])
     assert lines[-1].startswith("trial 1/4 done: black_box-seed0, 100 steps in 1m00s, loss 1.25 ")
-    assert "1/4 trials done, 1 running, 2 pending" in lines[-1] and "L_KD 1" in lines[-1]
+    assert lines[-1].endswith("| 1/4 trials done, 1 running, 2 pending, ~1m23s left") and "L_KD 1" in lines[-1]
     trials[1].status = Trial.ERROR
     progress.on_trial_error(0, trials, trials[1])
     assert "black_box-seed1 failed" in lines[-1] and "1 failed" in lines[-1]
