@@ -83,6 +83,31 @@ def tiny_caches(tmp_path_factory, ray_local, tiny_teacher_dir, tiny_data, build_
 
 
 @pytest.fixture(scope="session")
+def objective_parts(tiny_config, tiny_teacher_dir):
+    """`objective_parts(cache_dir, tokenizer_dir, seed=0)`: what distillation_loss takes beside
+    a batch, for the tiny teacher's cache at `cache_dir`: the cache's reader (every position
+    distilled), a student as seed `seed` starts it, and the vocabulary bridge."""
+    import json
+
+    from distill_core.cache_reader import TeacherCacheReader
+    from distill_core.cross_vocab import VocabularyBridge
+    from distill_core.models import load_tokenizer
+    from distill_core.teacher_cache import read_vocabulary_map
+    from distill_core.training import build_student
+
+    def make(cache_dir, tokenizer_dir, seed=0):
+        tokenizer = load_tokenizer(tokenizer_dir)
+        config = json.loads((tiny_teacher_dir / "config.json").read_text())
+        data = TeacherCacheReader([str(cache_dir)], "all", tokenizer.pad_token_id, config["hidden_size"],
+                                  config["num_attention_heads"])
+        student = build_student(tiny_config, tokenizer, config["hidden_size"], seed=seed)
+        vocab = VocabularyBridge(read_vocabulary_map(cache_dir), student.model.config.vocab_size)
+        return data, student, vocab
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def trial_config():
     """`trial_config(cfg, caches, teacher_dir, out_dir, group=, seed=, **distill)`: one trial's
     Tune config, as grid.param_space makes it with `group` and `seed` chosen; `distill`

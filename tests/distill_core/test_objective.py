@@ -1,19 +1,14 @@
 """The chunk-aligned objective: with one tokenizer on both sides it is the plain same-vocab
 objective (every token its own chunk, exact KL); with two it is finite and trains."""
 
-import json
 
 import pandas as pd
 import pytest
 import torch
 
-from distill_core.cross_vocab import VocabularyBridge
 from distill_core.losses import L_KD, L_align_attn, L_align_hidden, L_task
-from distill_core.models import load_lm_head, load_tokenizer
-from distill_core.cache_reader import TeacherCacheReader
+from distill_core.models import load_lm_head
 from distill_core.objective import LossWeights, distillation_loss, measured
-from distill_core.teacher_cache import read_vocabulary_map
-from distill_core.training import build_student
 
 
 @pytest.fixture(scope="module")
@@ -22,23 +17,14 @@ def rows(tiny_data):
                      ignore_index=True)
 
 
-def _setup(tiny_config, teacher_dir, cache_dir, tokenizer_dir):
-    tokenizer = load_tokenizer(tokenizer_dir)
-    config = json.loads((teacher_dir / "config.json").read_text())
-    data = TeacherCacheReader([str(cache_dir)], "all", tokenizer.pad_token_id, config["hidden_size"],
-                              config["num_attention_heads"])
-    student = build_student(tiny_config, tokenizer, config["hidden_size"], seed=0)
-    vocab = VocabularyBridge(read_vocabulary_map(cache_dir), student.model.config.vocab_size)
-    return data, student, vocab
-
-
 @pytest.mark.parametrize("queries", ["all", "answer"])
 def test_identical_tokenizers_give_exactly_the_plain_losses(tmp_path, ray_local, tiny_config,
-                                                            tiny_teacher_dir, rows, queries, build_cache):
+                                                            tiny_teacher_dir, rows, queries, build_cache,
+                                                            objective_parts):
     cache = tmp_path / "same"
     build_cache(rows, cache, tiny_teacher_dir, attention_queries=queries,
                 student_tokenizer_dir=tiny_teacher_dir, actors=1)
-    data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache, tiny_teacher_dir)
+    data, student, vocab = objective_parts(cache, tiny_teacher_dir)
     assert vocab.same
     head = load_lm_head(tiny_teacher_dir)
     w = LossWeights(1, 1, 1, 1, temperature=2.0)
@@ -76,12 +62,13 @@ def test_identical_tokenizers_give_exactly_the_plain_losses(tmp_path, ray_local,
                           attention_heads="mean", attention_loss="kl")),
 ])
 def test_different_tokenizers_give_terms_that_train(tmp_path_factory, ray_local, tiny_config,
-                                                    tiny_teacher_dir, rows, term, weights, build_cache):
+                                                    tiny_teacher_dir, rows, term, weights, build_cache,
+                                                    objective_parts):
     student_tok = tiny_teacher_dir / "student_tokenizer"
     cache = tmp_path_factory.getbasetemp() / "cross-cache"
     if not cache.exists():
         build_cache(rows, cache, tiny_teacher_dir, actors=1)
-    data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache, student_tok)
+    data, student, vocab = objective_parts(cache, student_tok)
     assert not vocab.same and vocab.teacher_vocab != vocab.student_vocab
     head = load_lm_head(tiny_teacher_dir)
     optimizer = torch.optim.AdamW(student.parameters(), lr=5e-3)
@@ -103,12 +90,12 @@ def test_different_tokenizers_give_terms_that_train(tmp_path_factory, ray_local,
 
 def test_unweighted_terms_can_be_skipped_without_changing_the_loss(tmp_path_factory, ray_local,
                                                                   tiny_config, tiny_teacher_dir, rows,
-                                                                  build_cache):
+                                                                  build_cache, objective_parts):
     student_tok = tiny_teacher_dir / "student_tokenizer"
     cache = tmp_path_factory.getbasetemp() / "cross-cache"
     if not cache.exists():
         build_cache(rows, cache, tiny_teacher_dir, actors=1)
-    data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache, student_tok)
+    data, student, vocab = objective_parts(cache, student_tok)
     head = load_lm_head(tiny_teacher_dir)
     batch = data.batch([0, 1, 12])
     black_box = LossWeights(1, 1, 0, 0, temperature=2.0)

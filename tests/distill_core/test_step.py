@@ -5,20 +5,16 @@ maps aggregated with a chunk-membership matrix, log_softmax KL), with one tokeni
 sides and with two. Terms a group does not train on are measured on report steps only,
 without gradients, and never change its gradient."""
 
-import json
 
 import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
 
-from distill_core.cache_reader import TeacherCacheReader
 from distill_core.config import ALL_GROUPS
-from distill_core.cross_vocab import VocabularyBridge, uld_distance
-from distill_core.models import load_lm_head, load_tokenizer
+from distill_core.cross_vocab import uld_distance
+from distill_core.models import load_lm_head
 from distill_core.objective import distillation_loss, loss_weights
-from distill_core.teacher_cache import read_vocabulary_map
-from distill_core.training import build_student
 
 
 def _mean(values, mask):
@@ -85,20 +81,11 @@ def caches(tmp_path_factory, ray_local, tiny_data, tiny_teacher_dir, build_cache
             "topk": (root / "topk", tiny_teacher_dir / "student_tokenizer")}
 
 
-def _setup(tiny_config, teacher_dir, cache_dir, tokenizer_dir):
-    tokenizer = load_tokenizer(tokenizer_dir)
-    config = json.loads((teacher_dir / "config.json").read_text())
-    data = TeacherCacheReader([str(cache_dir)], "all", tokenizer.pad_token_id, config["hidden_size"],
-                              config["num_attention_heads"])
-    student = build_student(tiny_config, tokenizer, config["hidden_size"], seed=3)
-    vocab = VocabularyBridge(read_vocabulary_map(cache_dir), student.model.config.vocab_size)
-    return data, student, vocab
-
-
 @pytest.mark.parametrize("pair", ["one", "two", "topk"])
-def test_loss_terms_and_gradients_are_the_formulas(caches, tiny_config, tiny_teacher_dir, pair):
+def test_loss_terms_and_gradients_are_the_formulas(caches, tiny_config, tiny_teacher_dir, objective_parts,
+                                                     pair):
     cache_dir, tokenizer_dir = caches[pair]
-    data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache_dir, tokenizer_dir)
+    data, student, vocab = objective_parts(cache_dir, tokenizer_dir, seed=3)
     assert vocab.same == (pair == "one")
     head = load_lm_head(tiny_teacher_dir)
     batch = data.batch([0, 3, 7, 12, 16])
@@ -125,11 +112,11 @@ def test_loss_terms_and_gradients_are_the_formulas(caches, tiny_config, tiny_tea
                                            msg=lambda m: f"{group} {name}: {m}")
 
 
-def test_uld_across_vocabularies_is_the_formula(caches, tiny_config, tiny_teacher_dir):
+def test_uld_across_vocabularies_is_the_formula(caches, tiny_config, tiny_teacher_dir, objective_parts):
     from dataclasses import replace
 
     cache_dir, tokenizer_dir = caches["two"]
-    data, student, vocab = _setup(tiny_config, tiny_teacher_dir, cache_dir, tokenizer_dir)
+    data, student, vocab = objective_parts(cache_dir, tokenizer_dir, seed=3)
     head = load_lm_head(tiny_teacher_dir)
     batch = data.batch([1, 4, 13])
     w = replace(loss_weights("black_box", tiny_config.distill), kd_across_vocab="uld")
