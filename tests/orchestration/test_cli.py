@@ -34,6 +34,26 @@ def test_estimate_of_the_paper_preset_needs_no_download(capsys):
     assert out["total_bytes"] == sum(out["bytes"].values()) and out["within_budget"]
 
 
+def test_estimate_of_the_same_vocabulary_pair_needs_no_download(capsys):
+    from distill_core.config import load_config
+
+    cfg = load_config("paper-same-vocab")
+    assert cfg.teacher.vocab_size == cfg.student.vocab_size == 128256
+    assert cfg.student.hub_id == "meta-llama/Llama-3.2-1B" and cfg.student.num_layers == 16
+    assert main(["estimate", "--preset", "paper-same-vocab"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    paper = _estimate("paper", capsys)
+    for task, shapes in out["tasks"].items():
+        # one tokenizer: every student token is a chunk, as many as the teacher's tokens
+        assert shapes["student_tokens"] == shapes["teacher_tokens"] == shapes["chunks"], task
+        assert shapes["chunks"] == paper["tasks"][task]["chunks"], task  # the teacher's side is paper's
+
+
+def _estimate(preset, capsys) -> dict:
+    assert main(["estimate", "--preset", preset]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
 def test_estimate_says_when_a_preset_exceeds_its_budget(capsys):
     assert main(["estimate", "--preset", "paper", "--set", "cache.budget_gib=1"]) == 0
     assert json.loads(capsys.readouterr().out)["within_budget"] is False
