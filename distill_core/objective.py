@@ -144,8 +144,11 @@ def distillation_loss(student, teacher_lm_head: torch.nn.Module | None, batch: B
     if "L_align_attn" in wanted:
         with torch.set_grad_enabled("L_align_attn" in trained):
             terms["L_align_attn"] = _attention_term(out.attention, batch, w)
-    for name in trained - ({"L_task", "L_KD"} if total is not None else set()):
-        total = weights[name] * terms[name] if total is None else total + weights[name] * terms[name]
+    # The other trained terms, added in the table's order: a set's order changes from process
+    # to process (string hashing), and so would the sum's rounding, and a resumed trial's.
+    fused = {"L_task", "L_KD"} if total is not None else set()
+    total = sum((weights[name] * terms[name] for name in weights if name in trained - fused),
+                start=total if total is not None else 0.0)
     terms = {name: terms[name].detach() for name in weights if name in terms}  # the table's order
     return total, {**terms, **extra}
 
