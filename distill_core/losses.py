@@ -141,17 +141,18 @@ class _TaskAndKD(torch.autograd.Function):
         kl_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
         ce_sum = torch.zeros((), dtype=torch.float32, device=logits.device)
         kd_scale = w_kd * temperature / max(nk, 1)  # d(w_kd T^2 mean KL) / d s, beside (p_s - p_t)
-        for i in range(0, nk, chunk):
-            log_p_s = F.log_softmax(logits[i:i + chunk].float() / temperature, dim=-1)
+        for i in range(0, nk, chunk):  # the distilled rows come first; task-only rows may follow
+            end = min(i + chunk, nk)
+            log_p_s = F.log_softmax(logits[i:end].float() / temperature, dim=-1)
             if target_is_logits:
-                log_p_t = F.log_softmax(kd_target[i:i + chunk].float(), dim=-1)
+                log_p_t = F.log_softmax(kd_target[i:end].float(), dim=-1)
                 p_t = log_p_t.exp()
                 kl_sum += (log_p_t - log_p_s).mul_(p_t).sum()
             else:
-                p_t = kd_target[i:i + chunk].float()
+                p_t = kd_target[i:end].float()
                 kl_sum += (torch.xlogy(p_t, p_t) - p_t * log_p_s).sum()
             if w_kd > 0:
-                out = grad[i:i + chunk]
+                out = grad[i:end]
                 torch.exp(log_p_s, out=out)
                 out.mul_(p_t.sum(-1, keepdim=True) * kd_scale).add_(p_t, alpha=-kd_scale)
         task_scale = w_task / max(nt, 1)

@@ -62,3 +62,25 @@ def test_empty_masks_give_zero_not_nan():
     zeros = torch.zeros(1, 2)
     assert L_task(torch.randn(1, 2, 3), torch.zeros(1, 2, dtype=torch.long), zeros).item() == 0.0
     assert L_KD(torch.randn(1, 2, 3), torch.randn(1, 2, 3), zeros, 2.0).item() == 0.0
+
+
+def test_task_and_kd_with_task_rows_beyond_the_distilled_rows_is_the_autograd_formula():
+    """The fused pass on logits whose last rows are task positions that are not distilled
+    (nk < n: an answer token inside a multi-token chunk): the same loss and gradient as
+    L_task + L_KD through autograd."""
+    from distill_core.losses import task_and_kd
+
+    torch.manual_seed(0)
+    n, nk, v, t = 9, 6, 11, 2.0
+    logits = torch.randn(n, v, requires_grad=True)
+    teacher = torch.randn(nk, v)
+    task_rows, labels = torch.tensor([1, 4, 6, 8]), torch.tensor([3, 0, 7, 2])
+    loss, l_task, l_kd = task_and_kd(logits, teacher / t, True, task_rows, labels, t, 0.7, 1.3)
+    loss.backward()
+    ref_logits = logits.detach().clone().requires_grad_(True)
+    ones = torch.ones(1, nk)
+    ref_task = L_task(ref_logits[task_rows][None], labels[None], torch.ones(1, 4))
+    ref_kd = L_KD(ref_logits[:nk][None], teacher[None], ones, t)
+    (0.7 * ref_task + 1.3 * ref_kd).backward()
+    assert torch.allclose(l_task, ref_task) and torch.allclose(l_kd, ref_kd)
+    assert torch.allclose(logits.grad, ref_logits.grad, atol=1e-6)
