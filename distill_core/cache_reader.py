@@ -50,10 +50,13 @@ class TeacherCacheReader:
     must not depend on how Ray Data sharded a cache).
 
     `signal_dtype`: the dtype the teacher's signals are handed over in (bf16, as cached, for a
-    bf16 trial; float32 for fp32)."""
+    bf16 trial; float32 for fp32). `labelled_rows` ({task: n}, None: every row): the rows whose
+    answers L_task learns, each task's first n in this order (ids are content hashes, so a
+    fixed sample of the rows); on the others only the teacher's signals are learned."""
 
     def __init__(self, cache_dirs: list[str], distill_positions: str, pad_id: int,
-                 d_teacher: int, teacher_heads: int, signal_dtype: torch.dtype = torch.float32):
+                 d_teacher: int, teacher_heads: int, signal_dtype: torch.dtype = torch.float32,
+                 labelled_rows: dict[str, int] | None = None):
         if distill_positions not in ("all", "answer"):
             raise ValueError(f"unknown distill_positions {distill_positions!r}; use all or answer")
         # Rows are addressed as (record batch, offset): a take on the whole (chunked) table
@@ -75,6 +78,12 @@ class TeacherCacheReader:
         self.d_teacher, self.heads, self.signal_dtype = d_teacher, teacher_heads, signal_dtype
         first = self._chunks[0].slice(0, 1).to_pydict() if ids else None
         self.top_k = (len(first["topk_ids"][0]) // len(first["student_chunk_ends"][0])) if first else 0
+        self.labelled = np.ones(len(self.ids), dtype=bool)
+        if labelled_rows is not None:
+            seen: dict[str, int] = {}
+            for i, task in enumerate(self.tasks):
+                self.labelled[i] = seen.get(task, 0) < labelled_rows.get(task, 0)
+                seen[task] = seen.get(task, 0) + 1
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -125,6 +134,7 @@ class TeacherCacheReader:
             topk_logprobs[chunk_real] = _bf16_values(rows["topk_logprobs"])[0].view(-1, k).to(self.signal_dtype)
         task_mask = torch.zeros_like(answer)
         task_mask[:, :-1] = answer[:, 1:]
+        task_mask[torch.from_numpy(~self.labelled[np.asarray(indices, dtype=np.int64)])] = 0
         chunks_are_tokens = c == t and bool(((token_chunk == torch.arange(t)) | ~real).all())
         return Batch(ids, real.long(), task_mask, ends, distill, token_chunk, hidden, attention,
                      queries, topk_ids, topk_logprobs, chunks_are_tokens)

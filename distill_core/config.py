@@ -53,11 +53,19 @@ class DataConfig(_Strict):
     # split, the others' train split).
     fewshot_pool_size: int = Field(5, ge=0)
     fewshot: dict[str, int]
+    # Held-out rows of the training source (never trained on) that trials score every
+    # distill.curve_every steps: the learning curves. Zero: no curves.
+    validation_size: dict[str, int] = Field(default_factory=lambda: {t: 0 for t in TASKS})
 
     @field_validator("train_size", "eval_size")
     @classmethod
     def _sizes(cls, v: dict[str, int], info) -> dict[str, int]:
         return _per_task(v, info.field_name, 1)
+
+    @field_validator("validation_size")
+    @classmethod
+    def _validation(cls, v: dict[str, int], info) -> dict[str, int]:
+        return _per_task(v, info.field_name, 0)
 
     @field_validator("fewshot")
     @classmethod
@@ -173,12 +181,20 @@ class DistillConfig(_Strict):
     # for head counts that differ or heads with no reason to correspond); MSE or KL (MiniLM).
     attention_heads: Literal["per_head", "mean"] = "per_head"
     attention_loss: Literal["mse", "kl"] = "mse"
+    # The rows of each task whose answers the student learns (L_task; at most this many: all
+    # of a smaller train split); the teacher's signals are learned on every cached row.
+    # None: every row is labelled (the paper's setting).
+    # Fewer: the regime where the teacher saw labels the student has not (see configs/tiny.yaml).
+    labelled_rows: dict[str, int] | None = None
     steps: int = Field(200, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     report_every: int = Field(20, ge=1)
     checkpoint_every: int = Field(100, ge=1)
+    # Score the student on data.validation_size held-out rows every this many steps (and at
+    # the end): the learning curves. 0: never.
+    curve_every: int = Field(0, ge=0)
     # Recompute the student layers' activations in the backward pass instead of keeping them
     # (memory for time); all but the last, where the final-layer attention hook runs.
     gradient_checkpointing: bool = False
@@ -192,6 +208,11 @@ class DistillConfig(_Strict):
             raise ValueError(f"groups repeat: {v}")
         return v
 
+    @field_validator("labelled_rows")
+    @classmethod
+    def _labelled(cls, v: dict[str, int] | None, info) -> dict[str, int] | None:
+        return None if v is None else _per_task(v, info.field_name, 0)
+
     @model_validator(mode="after")
     def _consistent(self) -> "DistillConfig":
         if self.alpha_task + self.beta_kd <= 0:
@@ -200,6 +221,9 @@ class DistillConfig(_Strict):
             # A resumed trial restarts its metric window at the checkpoint: they must align.
             raise ValueError(f"checkpoint_every ({self.checkpoint_every}) must be a multiple of "
                              f"report_every ({self.report_every})")
+        if self.curve_every % self.report_every:
+            raise ValueError(f"curve_every ({self.curve_every}) must be a multiple of "
+                             f"report_every ({self.report_every}): curves are reported with the metrics")
         return self
 
     @field_validator("resources_per_trial")
@@ -271,6 +295,8 @@ class ExperimentConfig(_Strict):
     @model_validator(mode="after")
     def _pair(self) -> "ExperimentConfig":
         t, s = self.teacher, self.student
+        if self.distill.curve_every and not any(self.data.validation_size.values()):
+            raise ValueError("distill.curve_every needs validation rows: set data.validation_size")
         if s.source == "train":
             raise ValueError("student.source must be 'init' or 'hub': students are trained by the grid")
         if (self.distill.attention_heads == "per_head" and t.num_heads and s.num_heads
@@ -309,11 +335,32 @@ def preset_path(preset: str) -> Path:
     return path
 
 
+def _merged(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
+            else value
+    return out
+
+
+def _preset_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A preset's settings; `extends: <preset>` starts from that preset's, sections merged
+    key by key (a list or a value replaces the base's)."""
+    if path.resolve() in seen:
+        raise ConfigError(f"preset {path.name} extends itself (through {[p.name for p in seen]})")
+    tree = yaml.safe_load(path.read_text()) or {}
+    base = tree.pop("extends", None)
+    if base is None:
+        return tree
+    base_path = path.parent / f"{base}.yaml" if (path.parent / f"{base}.yaml").exists() else preset_path(base)
+    return _merged(_preset_tree(base_path, seen + (path.resolve(),)), tree)
+
+
 def load_config(preset: str = "tiny", overrides: dict[str, Any] | None = None) -> ExperimentConfig:
     """Load a preset (a name in configs/ or a YAML path) with dotted-key overrides,
     e.g. ``{"distill.seeds": 2, "distill.groups": ["black_box", "combined"]}``."""
     path = preset_path(preset)
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = _preset_tree(path)
     for dotted, value in (overrides or {}).items():
         _set_dotted(tree, dotted, value)
     try:

@@ -2,7 +2,11 @@
 
 Seeds pair the groups (seed s: same student init, projector init and data order in every
 group), so the tests are within-subject with seed as the subject:
-- repeated-measures ANOVA over groups, and Friedman's test as the non-parametric check;
+- first the control: did distilling from the teacher help at all? `black_box` against
+  `task_only` (the student on labels alone), per task, paired t-test and Wilcoxon, each
+  Holm-corrected across the tasks, with Hedges' g, CIs and the smallest detectable difference;
+- then the white-box question among the study's groups (the control left out):
+  repeated-measures ANOVA over groups, and Friedman's test as the non-parametric check;
 - each other group against the baseline (`black_box`): paired t-test and Wilcoxon signed-rank,
   each Holm-corrected across the comparisons of a task, Hedges' g, the t-based and a bootstrap
   95% CI of the mean paired difference, and the smallest difference these seeds could detect
@@ -20,7 +24,7 @@ import pandas as pd
 import pingouin as pg
 from scipy import stats
 
-from distill_core.study_design import ALL_GROUPS
+from distill_core.study_design import ALL_GROUPS, CONTROL_GROUPS
 
 ALPHA = 0.05
 POWER = 0.8
@@ -153,26 +157,79 @@ def gap_recovered(summary: pd.DataFrame, references: pd.DataFrame) -> pd.Series:
     return pd.Series(out, index=summary.index, dtype=float)
 
 
+CONTROL = "task_only"  # the student on labels alone
+TREATED = "black_box"  # the least the teacher gives: its output distribution
+
+
+def control_comparison(students: pd.DataFrame) -> pd.DataFrame:
+    """Per task, `black_box` against `task_only`, paired by seed, Holm-corrected across the
+    tasks (one family: "did the teacher help?"). Empty when either group is missing."""
+    tables = []
+    for task, frame in students.groupby("task", sort=False):
+        pair = frame[frame["group"].isin([CONTROL, TREATED])]
+        if set(pair["group"]) == {CONTROL, TREATED}:
+            tables.append(paired_vs_baseline(pair, CONTROL).assign(task=task))
+    if not tables:
+        return pd.DataFrame()
+    table = pd.concat(tables, ignore_index=True)
+    table = table[["task"] + [c for c in table.columns if c != "task"]]
+    table["p_holm"] = _holm(table, "p_unc")
+    table["p_wilcoxon_holm"] = _holm(table, "p_wilcoxon")
+    table["significant"] = table["p_holm"] < ALPHA
+    return table
+
+
 def compare_groups(students: pd.DataFrame, baseline: str = "black_box",
                    references: pd.DataFrame | None = None) -> dict[str, pd.DataFrame]:
     """students: one row per (task, group, seed) with `accuracy`; references: (model, task,
     accuracy) of the teacher and the untrained student, for the gap each group recovers.
-    Returns {"summary", "anova", "pairwise"} tables covering every task."""
+    Returns {"summary", "control", "anova", "pairwise"} tables covering every task: the
+    summary over every group, the control comparison (control_comparison), and the ANOVA
+    and pairwise tests over the study's groups, the control left out (it answers another
+    question, and its gap would swamp theirs)."""
     summary = summarize(students)
     if references is not None:
         summary["gap_recovered"] = gap_recovered(summary, references)
+    control = control_comparison(students)
+    study = students[~students["group"].isin(CONTROL_GROUPS)]
     anova, pairwise = [], []
-    for task, frame in students.groupby("task", sort=False):
+    for task, frame in study.groupby("task", sort=False):
+        if frame["group"].nunique() < 2:  # one study group: nothing to compare it with
+            continue
         anova.append({"task": task, **rm_anova(frame), **friedman(frame)})
         if baseline in set(frame["group"]):
             pairs = paired_vs_baseline(frame, baseline)
             pairs.insert(0, "task", task)
             pairwise.append(pairs)
-    return {"summary": summary, "anova": pd.DataFrame(anova),
+    return {"summary": summary, "control": control, "anova": pd.DataFrame(anova),
             "pairwise": pd.concat(pairwise, ignore_index=True) if pairwise else pd.DataFrame()}
 
 
+def control_verdict(task: str, control: pd.DataFrame) -> str:
+    """Did distilling from the teacher help on `task`: black_box vs task_only in words."""
+    rows = control[control["task"] == task] if not control.empty else control
+    if rows.empty:
+        return (f"{task}: no control in this study (add {CONTROL} to distill.groups to learn "
+                "whether distilling helped at all).")
+    r = rows.iloc[0]
+    ci = (f"95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]" if not np.isnan(r["ci_low"]) else "no CI")
+    mdd = r.get("mdd_80", float("nan"))
+    power = f"these seeds detect {mdd:.3f} or more with 80% power" if not np.isnan(mdd) else \
+        "no test: the paired differences have no variance"
+    if r["significant"]:
+        word = "helped" if r["mean_diff"] > 0 else "hurt"
+        return (f"{task}: distilling from the teacher {word}: {TREATED} - {CONTROL} = "
+                f"{r['mean_diff']:+.3f} ({ci}; Holm p={r['p_holm']:.3g}, g={r['hedges_g']:.2f}; "
+                f"{power}).")
+    return (f"{task}: no significant benefit from the teacher: {TREATED} - {CONTROL} = "
+            f"{r['mean_diff']:+.3f} ({ci}; {power}).")
+
+
 def verdict(task: str, anova: dict, pairs: pd.DataFrame) -> str:
+    """The white-box question on `task` in words: the ANOVA, Friedman, each group vs the
+    baseline."""
+    if anova is None:
+        return f"{task}: one study group only; no comparison between groups."
     if np.isnan(anova["p_unc"]):
         head = f"{task}: the ANOVA is not computable (no variance across seeds or groups)."
     elif anova["p_unc"] < ALPHA:
@@ -216,27 +273,46 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def write_report(students: pd.DataFrame, references: pd.DataFrame, out_dir: Path,
-                 title: str, baseline: str = "black_box") -> dict:
+                 title: str, baseline: str = "black_box", preamble: list[str] | None = None,
+                 sections: dict[str, tuple[str, str, pd.DataFrame]] | None = None) -> dict:
     """Markdown + CSV + PNG of the comparison. references: rows (model, task, accuracy) for the
-    teacher and the untrained student. Returns paths, the tables and the verdicts."""
+    teacher and the untrained student; `preamble`: lines under the title (what the study is);
+    `sections`: {name: (heading, text, table)} put after the control (and `name`.csv).
+    Returns paths, the tables, the control's verdicts and the white-box verdicts, per task."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     students = _in_study_order(students)
     tables = compare_groups(students, baseline, references)
-    verdicts = []
-    parts = [f"# {title}\n", "Accuracy per group over seeds; seed is the pairing subject. "
-             "Tests: repeated-measures ANOVA, Friedman as the non-parametric check; each group "
-             f"vs `{baseline}` by paired t-test and Wilcoxon signed-rank, each Holm-corrected "
-             "per task; Hedges' g; t-based and bootstrap 95% CIs of the mean paired difference; "
-             "`mdd_80`: the smallest difference these seeds detect with 80% power; "
-             "`gap_recovered`: (group - untrained student) / (teacher - untrained student).\n"]
+    verdicts, control_verdicts = [], []
+    control = tables["control"]
+    parts = [f"# {title}\n\n", *(f"{line}\n" for line in (preamble or [])),
+             "\nAccuracy per group over seeds; seed is the pairing subject. "
+             f"First the control, per task: `{TREATED}` vs `{CONTROL}` (the student on labels "
+             "alone), did distilling from the teacher help at all; Holm-corrected across tasks. "
+             f"Then the white-box groups, the control left out: repeated-measures ANOVA, Friedman "
+             f"as the non-parametric check; each group vs `{baseline}` by paired t-test and "
+             "Wilcoxon signed-rank, each Holm-corrected per task; Hedges' g; t-based and bootstrap "
+             "95% CIs of the mean paired difference; `mdd_80`: the smallest difference these "
+             "seeds detect with 80% power; `gap_recovered`: (group - untrained student) / "
+             "(teacher - untrained student).\n",
+             f"\n## Did distilling from the teacher help? ({TREATED} vs {CONTROL})\n",
+             markdown_table(control[["task", "mean_diff", "ci_low", "ci_high", "p_holm",
+                                     "p_wilcoxon_holm", "hedges_g", "mdd_80", "significant"]])
+             if not control.empty else f"No `{CONTROL}` group in this study: the control is not run.\n"]
+    for heading, text, table in (sections or {}).values():
+        parts += [f"\n## {heading}\n", f"{text}\n\n" if text else "", markdown_table(table)]
+    tables = {**tables, **{name: table for name, (_, _, table) in (sections or {}).items()}}
+    anova_by_task = tables["anova"].set_index("task") if not tables["anova"].empty else None
     for task in students["task"].unique():
-        anova = tables["anova"].set_index("task").loc[task].to_dict()
+        anova = anova_by_task.loc[task].to_dict() if anova_by_task is not None and task in anova_by_task.index \
+            else None
         pairs = tables["pairwise"][tables["pairwise"]["task"] == task] \
             if not tables["pairwise"].empty else pd.DataFrame()
+        control_verdicts.append(control_verdict(task, control))
         verdicts.append(verdict(task, anova, pairs))
         refs = references[references["task"] == task][["model", "accuracy"]]
-        parts += [f"\n## {task}\n", f"**Verdict.** {verdicts[-1]}\n",
+        parts += [f"\n## {task}\n", f"**Did the teacher help?** {control_verdicts[-1]}\n\n",
+                  f"**White-box.** {verdicts[-1]}\n",
                   "\n### Groups\n", markdown_table(tables["summary"][tables["summary"]["task"] == task]
                                                    .drop(columns="task")),
                   "\n### References\n", markdown_table(refs),
@@ -248,7 +324,8 @@ def write_report(students: pd.DataFrame, references: pd.DataFrame, out_dir: Path
         table.to_csv(out_dir / f"{name}.csv", index=False)
     plot_path = out_dir / "accuracy.png"
     plot_accuracy(students, references, plot_path)
-    return {"markdown": markdown, "verdicts": verdicts, "tables": tables,
+    return {"markdown": markdown, "verdicts": verdicts, "control_verdicts": control_verdicts,
+            "tables": tables,
             "paths": {"report": out_dir / "report.md", "plot": plot_path,
                       **{n: out_dir / f"{n}.csv" for n in tables}}}
 

@@ -36,6 +36,7 @@ from distill_core.objective import Batch, LossWeights, distillation_loss, loss_w
 from distill_core.storage import atomic_directory
 from distill_core.student import DistillationStudent
 from distill_core.teacher_cache import read_vocabulary_map
+from distill_core.trial_cost import TrialMeter
 
 if TYPE_CHECKING:  # the config needs pydantic; a step on its own (bench/gpu.py) does not
     from distill_core.config import ExperimentConfig
@@ -169,7 +170,8 @@ class DistillationRecipe:
         d_teacher = teacher_config["hidden_size"]
         self.data = TeacherCacheReader(self.config["cache_dirs"], dcfg.distill_positions,
                                        self.tokenizer.pad_token_id, d_teacher,
-                                       teacher_config["num_attention_heads"], signal_dtype=frozen)
+                                       teacher_config["num_attention_heads"], signal_dtype=frozen,
+                                       labelled_rows=dcfg.labelled_rows)
         # The teacher's lm_head rebuilds its exact logits from the cached hidden states; a
         # top-k cache carries its logit signal itself.
         self.teacher_head = None if self.data.top_k else load_lm_head(teacher_dir, frozen, self.device)
@@ -221,6 +223,25 @@ class DistillationRecipe:
         self.step = step + 1
         return values
 
+    def validation_rows(self) -> dict:
+        """{task: held-out rows} the learning curve scores (empty: no curve)."""
+        import pandas as pd
+
+        if not self.cfg.distill.curve_every:
+            return {}
+        paths = self.config.get("validation_paths") or {}
+        rows = {task: pd.read_parquet(path) for task, path in paths.items()}
+        return {task: frame for task, frame in rows.items() if len(frame)}
+
+    def validate(self, validation: dict) -> dict[str, float]:
+        """The learning curve's point now (learning_curve.validation_metrics)."""
+        from distill_core.learning_curve import validation_metrics
+
+        cfg = self.cfg
+        return validation_metrics(self.student.model, self.tokenizer, validation,
+                                  max_length=cfg.max_length, max_new_tokens=cfg.eval.max_new_tokens,
+                                  batch_size=cfg.eval.batch_size, precision=cfg.precision)
+
     def save_checkpoint(self, directory: Path, extra: dict) -> None:
         """Weights, projector, optimizer state and the step (with `extra`) in `directory`."""
         save_training_state(directory, self.student, self.optimizer, {"step": self.step, **extra})
@@ -255,29 +276,41 @@ def train_student(config: dict) -> None:
     run_id = run.run_id if run else None
     dcfg = recipe.cfg.distill
     metrics = recipe.resumed.get("metrics", {})
+    meter = TrialMeter.from_state(recipe.device, recipe.resumed.get("cost"))
+    validation = recipe.validation_rows()
     window: dict[str, list[float]] = {}
     for step, batch in recipe.batches():
         for k, v in recipe.train_step(step, batch).items():
             window.setdefault(k, []).append(v)
+        meter.count(batch.attention_mask)
         done = step + 1
         if done % dcfg.report_every and done != dcfg.steps:
             continue
         metrics = {k: sum(v) / len(v) for k, v in window.items()}
         window = {}
+        curve = {}
+        if validation and (done % dcfg.curve_every == 0 or done == dcfg.steps):
+            with meter.excluding():
+                curve = recipe.validate(validation)
+        cost = meter.state()
         if run:
-            run.log_metrics(metrics, step=done)
+            run.log_metrics({**metrics, **curve, "tokens_per_s": cost["tokens_per_s"],
+                             "peak_memory_mb": cost["peak_mb"]}, step=done)
         # Which process and which Ray node run the trial (operators and the fault-tolerance
         # tests use them).
-        report = {**metrics, "step": done, "group": recipe.group, "seed": recipe.seed,
-                  "pid": os.getpid(), "node_id": node_id}
+        report = {**metrics, **curve, "step": done, "group": recipe.group, "seed": recipe.seed,
+                  "pid": os.getpid(), "node_id": node_id, "train_seconds": cost["seconds"],
+                  "tokens_per_s": cost["tokens_per_s"], "peak_memory_mb": cost["peak_mb"]}
         if done % dcfg.checkpoint_every == 0 or done == dcfg.steps:
             with tempfile.TemporaryDirectory() as d:
-                recipe.save_checkpoint(Path(d), {"mlflow_run_id": run_id, "metrics": metrics})
+                recipe.save_checkpoint(Path(d), {"mlflow_run_id": run_id, "metrics": metrics, "cost": cost})
                 tune.report(report, checkpoint=tune.Checkpoint.from_directory(d))
         else:
             tune.report(report)
-    out_dir = recipe.finish({"final_metrics": metrics, "mlflow_run_id": run_id})
+    cost = meter.state()
+    out_dir = recipe.finish({"final_metrics": metrics, "mlflow_run_id": run_id, "cost": cost})
     if run:
+        run.log_metrics({"train_seconds": cost["seconds"]}, step=dcfg.steps)
         run.log_artifacts(str(out_dir), "checkpoint")
         run.finish()
 

@@ -11,9 +11,10 @@ import dagster as dg
 import pandas as pd
 from mlflow.entities import Metric
 
-from distill_core import (cache_size, evaluation, grid, statistics, tasks, teacher_cache,
-                          teacher_training)
+from distill_core import (cache_size, evaluation, grid, learning_curve, statistics, study_report, tasks,
+                          teacher_cache, teacher_training)
 from distill_core.config import TASKS
+from distill_core.models import load_tokenizer
 from distill_core.storage import write_parquet_atomic
 from distill_core.training import CHECKPOINT_META, write_untrained_student
 from orchestration import checks, console
@@ -83,8 +84,9 @@ def _examples(context, experiment: ExperimentResource, splits: tuple[str, ...]):
           automation_condition=FOLLOW_UPSTREAM,
           check_specs=[checks.spec("train_examples", *checks.EXAMPLES)])
 def train_examples(context: dg.AssetExecutionContext, experiment: ExperimentResource):
-    """Unified training rows of one task (id, task, subject, prompt, answer, choices, label)."""
-    return _examples(context, experiment, ("train",))
+    """Unified training rows of one task (id, task, subject, prompt, answer, choices, label),
+    and the held-out validation rows of the learning curves."""
+    return _examples(context, experiment, ("train", "validation"))
 
 
 @dg.asset(partitions_def=task_partitions, code_version=code_version_of("tasks", "real_datasets", "config"),
@@ -193,7 +195,8 @@ def teacher_cache_asset(context: dg.AssetExecutionContext, experiment: Experimen
           automation_condition=FOLLOW_UPSTREAM,
           code_version=code_version_of("training", "objective", "losses", "student", "grid",
                                        "final_layer_attention", "tracking", "models", "encoding",
-                                       "alignment", "cross_vocab"),
+                                       "alignment", "cross_vocab", "cache_reader", "batching", "trial_cost",
+                                       "learning_curve"),
           check_specs=[checks.spec("student_checkpoints", *checks.GRID)])
 def student_checkpoints(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                         ray_cluster: RayResource, mlflow: MLflowResource):
@@ -202,6 +205,7 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
     cfg = experiment.config()
     caches = {t: upstream(context, "teacher_cache", t) for t in TASKS}
     teacher = upstream(context, "teacher_model")
+    validation = {t: upstream(context, "train_examples", t).get("validation_path") for t in TASKS}
     code_version = context.assets_def.code_versions_by_key[context.asset_key]
     cache_version = _key({t: c["cache_key"] for t, c in caches.items()})
     grid_key = _key(cache_version, cfg.distill.model_dump(), cfg.student.model_dump(), code_version)
@@ -216,6 +220,7 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
         cfg, cache_dirs=[caches[t]["path"] for t in TASKS], teacher_dir=teacher["path"],
         student_tokenizer_dir=teacher["student_tokenizer"], output_dir=str(out_dir),
         cache_version=cache_version, code_version=code_version,
+        validation_paths={t: p for t, p in validation.items() if p},
         mlflow={"tracking_uri": mlflow.resolved_uri(), "experiment_id": experiment_id,
                 "parent_run_id": parent_id})
     live = console.live_stream()
@@ -240,11 +245,19 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
         group, seed = result.config["group"], result.config["seed"]
         path = out_dir / f"{group}-seed{seed}"
         meta = json.loads((path / CHECKPOINT_META).read_text()) if path.exists() else {}
+        cost, final = meta.get("cost", {}), meta.get("final_metrics", {})
         trials.append({"group": group, "seed": seed, "path": str(path), "finished": result.error is None
                        and path.exists(), "mlflow_run_id": meta.get("mlflow_run_id"),
                        "final_loss": (result.metrics or {}).get("loss"),
-                       "node_id": (result.metrics or {}).get("node_id")})  # where it finished
+                       "node_id": (result.metrics or {}).get("node_id"),  # where it finished
+                       "train_seconds": cost.get("seconds"), "tokens": cost.get("tokens"),
+                       "tokens_per_s": cost.get("tokens_per_s"), "peak_memory_mb": cost.get("peak_mb"),
+                       "kd_unmapped_mass": final.get("kd_unmapped_mass")})
     table = pd.DataFrame(trials).sort_values(["group", "seed"])
+    curves = learning_curve.curves_table([
+        r.metrics_dataframe.assign(group=r.config["group"], seed=r.config["seed"])
+        for r in results if r.metrics_dataframe is not None and "step" in r.metrics_dataframe])
+    curves_path = write_parquet_atomic(curves, out_dir / "curves.parquet")
     untrained = out_dir / "untrained"
     write_untrained_student(cfg, teacher["student_tokenizer"], teacher["path"], untrained, cfg.seeds[0])
     manifest = write_parquet_atomic(table, out_dir / "trials.parquet")
@@ -258,6 +271,7 @@ def student_checkpoints(context: dg.AssetExecutionContext, experiment: Experimen
         check_results=[checks.result(checks.GRID[0], problems, trials=len(table))],
         metadata={"path": dg.MetadataValue.path(str(out_dir)), "trials": len(table),
                   "manifest": dg.MetadataValue.path(str(manifest)),
+                  "curves": dg.MetadataValue.path(str(curves_path)), "curve_points": len(curves),
                   "untrained_student": dg.MetadataValue.path(str(untrained)),
                   "grid_key": grid_key, "cache_version": cache_version,
                   "mlflow_experiment_id": experiment_id, "mlflow_parent_run_id": parent_id,
@@ -319,7 +333,7 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
     return dg.MaterializeResult(
         check_results=[checks.result(checks.EVALUATION[0],
                                      evaluation.table_problems(table, list(models), list(TASKS)))],
-        metadata={"path": dg.MetadataValue.path(str(path)), "rows": len(table),
+        metadata={"path": dg.MetadataValue.path(str(path)), "rows": len(table), "preset": cfg.name,
                   "per_subject_path": dg.MetadataValue.path(str(subjects_path)),
                   "models": len(models), "mean_accuracy": dg.MetadataValue.md(statistics.markdown_table(pivot)),
                   "mlflow_parent_run_id": students["mlflow_parent_run_id"],
@@ -327,31 +341,43 @@ def evaluation_table(context: dg.AssetExecutionContext, experiment: ExperimentRe
         data_version=dg.DataVersion(file_sha256(path)[:16]))
 
 
-@dg.asset(deps=[evaluation_table], group_name="evaluation", kinds={"pingouin", "mlflow"},
+@dg.asset(deps=[evaluation_table, student_checkpoints, teacher_cache_asset, teacher_model],
+          group_name="evaluation", kinds={"pingouin", "mlflow"},
           automation_condition=FOLLOW_UPSTREAM,
-          code_version=code_version_of("statistics"))
+          code_version=code_version_of("statistics", "study_report", "trial_cost"))
 def comparison_report(context: dg.AssetExecutionContext, experiment: ExperimentResource,
                       mlflow: MLflowResource):
-    """Per-task statistics of the groups (rm-ANOVA and Friedman; paired t and Wilcoxon vs
-    black_box, Holm-corrected; Hedges' g; t and bootstrap 95% CIs; the smallest difference the
-    seeds detect; the teacher gap recovered) as Markdown, CSV and a PNG plot, also on the
-    MLflow parent run."""
+    """What the study found, per task: first the control (black_box vs task_only: did the
+    teacher help at all), then the white-box groups (rm-ANOVA and Friedman; paired t and
+    Wilcoxon vs black_box, Holm-corrected; Hedges' g; t and bootstrap 95% CIs; the smallest
+    difference the seeds detect; the teacher gap recovered); the L_KD path and each group's
+    cost. Markdown, CSV and a PNG plot, also on the MLflow parent run."""
     cfg = experiment.config()
     evaluated = upstream(context, "evaluation_table")
+    students = upstream(context, "student_checkpoints")
+    teacher = upstream(context, "teacher_model")
+    caches = [upstream(context, "teacher_cache", t)["path"] for t in TASKS]
     table = pd.read_parquet(evaluated["path"])
-    students = table[table["seed"] >= 0]
-    references = table[table["seed"] < 0]
-    out_dir = experiment.root() / "report" / _key(evaluated["path"], context.assets_def.code_versions_by_key[context.asset_key])
-    report = statistics.write_report(students, references, out_dir,
-                                     title=f"kdbench {cfg.name}: white-box vs black-box distillation")
+    trials = pd.read_parquet(students["manifest"])
+    out_dir = experiment.root() / "report" / _key(evaluated["path"], students["manifest"],
+                                                  context.assets_def.code_versions_by_key[context.asset_key])
+    curves = pd.read_parquet(students["curves"]) if students.get("curves") else None
+    report = study_report.write_study_report(cfg, table, trials, caches,
+                                             len(load_tokenizer(teacher["student_tokenizer"])), out_dir,
+                                             curves=curves)
     parent = evaluated["mlflow_parent_run_id"]
     client = mlflow.client()
     client.log_artifacts(parent, str(out_dir), "report")
     return dg.MaterializeResult(
         metadata={"path": dg.MetadataValue.path(str(report["paths"]["report"])),
                   "plot": dg.MetadataValue.path(str(report["paths"]["plot"])),
+                  **({"learning_curves": dg.MetadataValue.path(str(report["paths"]["curves_plot"]))}
+                     if "curves_plot" in report["paths"] else {}),
                   "report": dg.MetadataValue.md(report["markdown"]),
+                  "control_verdicts": dg.MetadataValue.json(report["control_verdicts"]),
                   "verdicts": dg.MetadataValue.json(report["verdicts"]),
+                  "kd_path": report["kd_path"]["kd_path"],
+                  "cost": dg.MetadataValue.md(statistics.markdown_table(report["tables"]["cost"])),
                   "mlflow_parent_run": dg.MetadataValue.url(
                       mlflow.run_url(evaluated["mlflow_experiment_id"], parent))},
         data_version=dg.DataVersion(file_sha256(report["paths"]["report"])[:16]))

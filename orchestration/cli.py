@@ -3,6 +3,8 @@
   kdbench demo [--preset NAME] [--set key=value ...] [--verbose]
                                                         materialize the whole asset graph
   kdbench estimate [--preset NAME] [--set key=value ...]  the teacher cache's size, as JSON
+  kdbench compare A B                     study B against study A (preset names or
+                                          evaluation_table.parquet paths)
   kdbench eval --checkpoint DIR --task TASK --data-dir DIR [--subjects a,b] [--limit N]
                [--predictions FILE]         one HF checkpoint on a real task, JSON last line
 """
@@ -62,7 +64,9 @@ def demo(args: argparse.Namespace) -> int:
     print("\n" + "=" * 80)
     print(f"kdbench {cfg.name}: whole graph materialized in {time.perf_counter() - started:.0f} s\n")
     print("mean accuracy per group and task:\n" + evaluated["mean_accuracy"])
-    print("verdicts:\n" + "\n".join(f"  - {v}" for v in report["verdicts"]))
+    print("did distilling from the teacher help? (black_box vs task_only)\n"
+          + "\n".join(f"  - {v}" for v in report["control_verdicts"]))
+    print("white-box vs black-box:\n" + "\n".join(f"  - {v}" for v in report["verdicts"]))
     print(f"\nreport: {report['path']}\nplot:   {report['plot']}")
     print(f"MLflow parent run: {report['mlflow_parent_run']}")
     print("\nopen the UIs:  make ui   (Dagster http://127.0.0.1:3000, MLflow http://127.0.0.1:5000)")
@@ -79,6 +83,26 @@ def estimate(args: argparse.Namespace) -> int:
     except (ConfigError, ValueError) as err:
         print(err, file=sys.stderr)
         return 2
+    return 0
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Two finished studies side by side: accuracies, effects, differences of differences."""
+    import dagster as dg
+
+    from orchestration import console
+    from orchestration.comparison import compare as compare_studies
+    from orchestration.resources import storage_root
+
+    console.instance_home()
+    with dg.DagsterInstance.get() as instance:
+        try:
+            result = compare_studies(args.studies, instance, storage_root(""))
+        except (LookupError, FileNotFoundError) as err:
+            print(err, file=sys.stderr)
+            return 2
+    print(result["markdown"])
+    print(f"\nwritten: {result['paths']['report']}\n         {result['paths']['csv']}")
     return 0
 
 
@@ -149,6 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set cache.attention_queries=all")
     p.set_defaults(func=estimate)
+    p = sub.add_parser("compare", help="two finished studies side by side, per group and task")
+    p.add_argument("studies", nargs=2, metavar="STUDY",
+                   help="a preset name (its latest study in this Dagster instance) or the path "
+                        "of an evaluation_table.parquet; the second is compared against the first")
+    p.set_defaults(func=compare)
     p = sub.add_parser("eval", help="evaluate an HF checkpoint on a real task (JSON last line)")
     p.add_argument("--checkpoint", required=True, help="an HF causal LM folder with its tokenizer")
     p.add_argument("--task", required=True, choices=["sst2", "mmlu", "gsm8k"])

@@ -3,6 +3,7 @@
 import dagster as dg
 
 from orchestration import assets
+from orchestration.comparison import STUDY_COMPARISON
 from orchestration.resources import ExperimentResource, MLflowResource, RayResource
 from orchestration.sources import eval_files, train_files
 
@@ -35,7 +36,7 @@ def resources(preset: str = "tiny", overrides_json: str = "{}", storage_root: st
 
 
 defs = dg.Definitions(
-    assets=[*sources, *all_assets], jobs=[reevaluate], schedules=[weekly_reevaluation],
+    assets=[*sources, *all_assets, STUDY_COMPARISON], jobs=[reevaluate], schedules=[weekly_reevaluation],
     sensors=[automation],
     resources=resources(preset=dg.EnvVar("KDBENCH_PRESET").get_value("tiny")),
 )

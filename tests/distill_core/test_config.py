@@ -6,13 +6,16 @@ from distill_core.config import CONFIGS_DIR, ConfigError, load_config
 
 
 SHAPES_ONLY = {"paper-shapes"}  # proves the paper's shapes on a CPU, not its statistics: 1 seed
+# The GPU presets run the control as an option (its cost: README); the others always run it.
+CONTROL_OPTIONAL = {"paper", "paper-same-vocab", "paper-shapes"}
+STUDY = {"black_box", "hidden_state", "attention", "combined"}
 
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in CONFIGS_DIR.glob("*.yaml")))
 def test_every_shipped_preset_loads_and_validates(preset):
     cfg = load_config(preset)
     assert cfg.name == preset
-    assert set(cfg.distill.groups) == {"black_box", "hidden_state", "attention", "combined"}
+    assert set(cfg.distill.groups) == (STUDY if preset in CONTROL_OPTIONAL else STUDY | {"task_only"})
     assert cfg.distill.seeds == (1 if preset in SHAPES_ONLY else 7)
     header = (CONFIGS_DIR / f"{preset}.yaml").read_text().split("\nname:")[0]
     assert f"--preset {preset}" in header  # the header says how to run it
@@ -39,6 +42,8 @@ def test_every_shipped_preset_loads_and_validates(preset):
     ({"cache.budget_gib": 0}, "cache.budget_gib"),
     ({"student.num_heads": 2, "student.num_kv_heads": 2}, "(top level)"),
     ({"precision": "fp16"}, "precision"),
+    ({"distill.labelled_rows": {"sst2": 1, "mmlu": 1}}, "distill.labelled_rows"),
+    ({"distill.labelled_rows": {"sst2": -1, "mmlu": 1, "gsm8k": 1}}, "distill.labelled_rows"),
     ({"cache.batch_tokens": 0}, "cache.batch_tokens"),
     ({"eval.batch_tokens": 8}, "eval.batch_tokens"),
     ({"eval.resources_per_model": {"cpu": 1, "gpu": -1}}, "eval.resources_per_model"),
@@ -80,3 +85,20 @@ def test_a_tokenizer_can_be_named_by_path_instead_of_trained():
     cfg = load_config("tiny", {"student.tokenizer": None,
                                "student.tokenizer_from": "../shared/tokenizers/llama2-spm"})
     assert cfg.student.tokenizer is None and cfg.student.tokenizer_from.endswith("llama2-spm")
+
+
+def test_a_preset_extends_another_section_by_section(tmp_path):
+    base = (CONFIGS_DIR / "tiny.yaml").read_text()
+    (tmp_path / "base.yaml").write_text(base)
+    (tmp_path / "child.yaml").write_text(
+        "extends: base\nname: child\nstudent:\n  hidden_size: 64\ndistill:\n  groups: [black_box]\n")
+    child, parent = load_config(str(tmp_path / "child.yaml")), load_config("tiny")
+    assert child.name == "child" and child.student.hidden_size == 64
+    assert child.student.num_layers == parent.student.num_layers  # the rest of the section kept
+    assert child.distill.groups == ["black_box"] and child.distill.steps == parent.distill.steps
+    same = load_config("tiny-same-vocab")
+    assert same.student.tokenizer == same.teacher.tokenizer
+    assert same.model_dump(exclude={"name", "student"}) == parent.model_dump(exclude={"name", "student"})
+    (tmp_path / "loop.yaml").write_text("extends: loop\nname: loop\n")
+    with pytest.raises(ConfigError, match="extends itself"):
+        load_config(str(tmp_path / "loop.yaml"))

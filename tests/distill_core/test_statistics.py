@@ -109,8 +109,46 @@ def test_friedman_wilcoxon_bootstrap_power_and_gap_against_hand_values():
 def test_the_verdict_says_what_a_null_result_could_have_detected(tmp_path):
     refs = pd.DataFrame({"model": ["teacher", "untrained_student"], "task": "sst2",
                          "accuracy": [0.9, 0.5]})
-    out = write_report(_table({"black_box": 0.0, "task_only": 0.0}, rng_seed=3), refs, tmp_path, title="t")
-    assert "task_only vs black_box: no significant difference" in out["verdicts"][0]
+    out = write_report(_table({"black_box": 0.0, "hidden_state": 0.0}, rng_seed=3), refs, tmp_path, title="t")
+    assert "hidden_state vs black_box: no significant difference" in out["verdicts"][0]
+    assert "no control in this study" in out["control_verdicts"][0]
     assert "with 80% power" in out["verdicts"][0] and "Friedman" in out["verdicts"][0]
     assert {"p_wilcoxon_holm", "boot_ci_low", "mdd_80"} <= set(pd.read_csv(tmp_path / "pairwise.csv"))
     assert "gap_recovered" in pd.read_csv(tmp_path / "summary.csv")
+
+
+def _tasks_table(effects: dict[str, dict[str, float]], seeds: int = 7) -> pd.DataFrame:
+    """effects: {task: {group: effect}}, each task its own draw."""
+    return pd.concat([_table(e, seeds=seeds, rng_seed=i).assign(task=task)
+                      for i, (task, e) in enumerate(effects.items())], ignore_index=True)
+
+
+def test_the_control_comes_first_tested_across_tasks_and_left_out_of_the_white_box_tests(tmp_path):
+    """black_box vs task_only per task, Holm-corrected over the tasks; the report opens with
+    it (a table, then each task's section), and the ANOVA and pairwise tests do not see it."""
+    effects = {"sst2": {"task_only": 0.0, "black_box": 0.10, "combined": 0.10},
+               "mmlu": {"task_only": 0.0, "black_box": 0.0, "combined": 0.0},
+               "gsm8k": {"task_only": 0.0, "black_box": -0.10, "combined": -0.10}}
+    table = _tasks_table(effects)
+    refs = pd.DataFrame([{"model": m, "task": t, "accuracy": a} for t in effects
+                         for m, a in (("teacher", 0.9), ("untrained_student", 0.5))])
+    out = write_report(table, refs, tmp_path, title="t", preamble=["Regime: fewer labels."])
+    control = out["tables"]["control"].set_index("task")
+    assert control["significant"].tolist() == [True, False, True]
+    assert control.loc["sst2", "mean_diff"] > 0.05 and control.loc["gsm8k", "mean_diff"] < -0.05
+    # Holm over the three tasks: the smallest p times 3.
+    assert math.isclose(control["p_holm"].min(), 3 * control["p_unc"].min())
+    wide = table[table.task == "sst2"].pivot(index="seed", columns="group", values="accuracy")
+    t_hand = stats.ttest_rel(wide["black_box"], wide["task_only"]).statistic
+    assert math.isclose(control.loc["sst2", "t"], t_hand, rel_tol=1e-6)
+    assert "helped" in out["control_verdicts"][0] and "hurt" in out["control_verdicts"][2]
+    assert "no significant benefit" in out["control_verdicts"][1] and "80% power" in out["control_verdicts"][1]
+    # The white-box tests are over black_box and combined only.
+    assert set(out["tables"]["pairwise"]["group"]) == {"combined"}
+    assert out["tables"]["anova"]["ddof1"].tolist() == [1.0, 1.0, 1.0]
+    text = (tmp_path / "report.md").read_text()
+    assert text.index("Regime: fewer labels.") < text.index("Did distilling from the teacher help?") \
+        < text.index("## sst2")
+    section = text[text.index("## sst2"):text.index("## mmlu")]
+    assert section.index("**Did the teacher help?**") < section.index("**White-box.**")
+    assert pd.read_csv(tmp_path / "control.csv").shape[0] == 3

@@ -132,3 +132,35 @@ def test_grid_problems_name_each_missing_or_unexpected_checkpoint(tmp_path):
     assert grid_problems(pd.DataFrame(rows), ["black_box", "combined"], [0, 1]) == [
         "black_box-seed1: no finished checkpoint", "combined-seed0: no finished checkpoint",
         "combined-seed1: no finished checkpoint", "combined-seed9: not in the grid"]
+
+
+def test_labelled_rows_limit_L_task_to_each_tasks_first_rows_and_keep_the_teachers_signals(
+        tiny_config, tiny_caches, tiny_teacher_dir, trial_config, tmp_path):
+    """distill.labelled_rows: L_task sees the answers of each task's first n rows (in the
+    reader's id order); L_KD still learns on every row. A step on rows with no label gives
+    task_only a zero loss (no NaN, no crash); black_box still learns from the teacher."""
+    from distill_core.cache_reader import TeacherCacheReader
+    from distill_core.training import DistillationRecipe
+
+    tok = load_tokenizer(tiny_teacher_dir / "student_tokenizer")
+    labelled = {"sst2": 5, "mmlu": 0, "gsm8k": 48}
+    full = TeacherCacheReader(tiny_caches, "all", tok.pad_token_id, 96, 4)
+    part = TeacherCacheReader(tiny_caches, "all", tok.pad_token_id, 96, 4, labelled_rows=labelled)
+    for task, n in labelled.items():
+        rows = [i for i, t in enumerate(part.tasks) if t == task]
+        assert part.labelled[rows].tolist() == [True] * n + [False] * (len(rows) - n)
+    sst2 = [i for i, t in enumerate(part.tasks) if t == "sst2"][3:9]  # 2 labelled, 4 not
+    a, b = full.batch(sst2), part.batch(sst2)
+    assert a.task_mask.sum(1).gt(0).all()
+    assert b.task_mask.sum(1).gt(0).tolist() == [True, True, False, False, False, False]
+    assert torch.equal(a.task_mask[:2], b.task_mask[:2])
+    assert torch.equal(a.distill_mask, b.distill_mask) and torch.equal(a.input_ids, b.input_ids)
+
+    unlabelled = [i for i, t in enumerate(part.tasks) if t == "mmlu"][:8]
+    for group, kd_zero in (("task_only", True), ("black_box", False)):
+        recipe = DistillationRecipe(trial_config(tiny_config, tiny_caches, tiny_teacher_dir, tmp_path,
+                                                 group=group, labelled_rows=labelled))
+        recipe.setup()
+        values = recipe.train_step(0, recipe.data.batch(unlabelled))
+        assert values["L_task"] == 0.0
+        assert (values["loss"] == 0.0) is kd_zero

@@ -10,13 +10,15 @@ ASSETS = {"train_examples", "eval_examples", "teacher_model", "teacher_cache",
 
 
 SOURCES = {"train_files", "eval_files"}
+EXTERNAL = {"study_comparison"}  # written by `kdbench compare`, not by a run of the graph
 
 
 def test_definitions_load_with_the_seven_assets():
     graph = defs.resolve_asset_graph()
     keys = {k.to_user_string() for k in graph.get_all_asset_keys()}
-    assert keys == ASSETS | SOURCES
+    assert keys == ASSETS | SOURCES | EXTERNAL
     assert {k.to_user_string() for k in graph.observable_asset_keys} == SOURCES
+    assert not graph.get(dg.AssetKey("study_comparison")).is_materializable
 
 
 def test_partitions_and_lineage():
@@ -39,7 +41,7 @@ def test_every_asset_has_a_code_version_from_its_distill_core_source(monkeypatch
     by_asset = {k.to_user_string(): graph.get(k).code_version for k in graph.get_all_asset_keys()
                 if k.to_user_string() in ASSETS}
     assert all(by_asset.values()) and len(set(by_asset.values())) == 6  # the two example assets share
-    assert by_asset["comparison_report"] == versions.code_version_of("statistics")
+    assert by_asset["comparison_report"] == versions.code_version_of("statistics", "study_report", "trial_cost")
     report_before, tasks_before = versions.code_version_of("statistics"), versions.code_version_of("tasks")
     real = inspect.getsource
     monkeypatch.setattr(versions.inspect, "getsource", lambda m: real(m) + (

@@ -22,12 +22,14 @@ from orchestration.definitions import all_assets, resources, sources
 from orchestration.study import materialize_study
 
 OVERRIDES = {
-    "distill.groups": ["black_box", "combined"], "distill.seeds": 2, "distill.steps": 20,
+    "distill.groups": ["task_only", "black_box", "combined"], "distill.seeds": 2, "distill.steps": 20,
     "distill.report_every": 5, "distill.checkpoint_every": 10, "distill.batch_size": 8,
     "teacher.train_epochs": 2,
     "data.train_size": {"sst2": 120, "mmlu": 120, "gsm8k": 120},
     "data.eval_size": {"sst2": 24, "mmlu": 24, "gsm8k": 12},
+    "distill.labelled_rows": {"sst2": 30, "mmlu": 30, "gsm8k": 30},
 }
+TRIALS = 3 * 2
 
 
 SECRET = "hf_kdbench_test_secret_value"
@@ -56,10 +58,10 @@ def test_the_console_shows_stages_and_every_finished_trial_and_nothing_else(stud
                   "student_checkpoints", "evaluation_table", "comparison_report"):
         assert sum(line.startswith(asset) for line in lines) == 1, (asset, lines)
     finished = [line for line in lines if "student_checkpoints: trial " in line and " done: " in line]
-    assert len(finished) == 4, lines  # one line per trial, as it finishes, with the grid's state
-    assert {f"trial {k}/4 done" for k in range(1, 5)} == {line.split(": ")[1] for line in finished}
+    assert len(finished) == TRIALS, lines  # one line per trial, as it finishes, with the grid's state
+    assert {f"trial {k}/{TRIALS} done" for k in range(1, TRIALS + 1)} == {line.split(": ")[1] for line in finished}
     assert all("L_task" in line and "trials done" in line for line in finished)
-    assert any("grid finished: 4 of 4 trials" in line for line in lines)
+    assert any(f"grid finished: {TRIALS} of {TRIALS} trials" in line for line in lines)
     assert any("teacher_model: teacher step" in line for line in lines)
     # Dagster's event stream (STEP_START, ...) and run ids stay out of the study's console.
     assert not any("STEP_START" in line or "RUN_SUCCESS" in line for line in lines), lines
@@ -80,7 +82,7 @@ def test_every_asset_and_partition_is_materialized_with_its_code_version(study):
             # Versions the assets computed from what they hold, not Dagster's default.
             assert tags["dagster/data_version_is_user_provided"] == "true", name
     cache = study["metadata"]["student_checkpoints"]
-    assert cache["trials"] == 4
+    assert cache["trials"] == TRIALS
 
 
 def test_secrets_in_the_environment_reach_neither_mlflow_nor_dagster(study):
@@ -109,9 +111,9 @@ def test_mlflow_has_a_parent_run_with_one_child_per_trial(study):
     parent_id = study["metadata"]["student_checkpoints"]["mlflow_parent_run_id"]
     children = client.search_runs([experiment.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent_id}'")
-    assert len(children) == 4
+    assert len(children) == TRIALS
     assert {(c.data.params["group"], c.data.params["seed"]) for c in children} == \
-        {(g, s) for g in ("black_box", "combined") for s in ("0", "1")}
+        {(g, s) for g in ("task_only", "black_box", "combined") for s in ("0", "1")}
     for child in children:
         assert child.info.status == "FINISHED"
         assert {"lr", "alpha_task", "beta_kd", "gamma_hidden", "gamma_attn"} <= set(child.data.params)
@@ -128,9 +130,9 @@ def test_mlflow_has_a_parent_run_with_one_child_per_trial(study):
 def test_evaluation_table_covers_every_checkpoint_and_the_references(study):
     table = pd.read_parquet(study["metadata"]["evaluation_table"]["path"])
     students = table[table["seed"] >= 0]
-    assert len(students) == 4 * 3
+    assert len(students) == TRIALS * 3
     assert set(table[table["seed"] < 0]["model"]) == {"teacher", "untrained_student"}
-    assert len(table) == 4 * 3 + 2 * 3
+    assert len(table) == TRIALS * 3 + 2 * 3
     assert table.groupby("task")["n"].first().to_dict() == {"sst2": 24, "mmlu": 24, "gsm8k": 12}
     assert table["accuracy"].between(0, 1).all()
     # The checkpoints the table names are the grid's, loadable as plain HF models.
@@ -151,7 +153,34 @@ def test_report_statistics_agree_with_the_table(study):
     assert set(pairwise["task"]) == set(TASKS) and set(pairwise["group"]) == {"combined"}
     text = (out_dir / "report.md").read_text()
     assert all(f"## {t}" in text for t in TASKS)
-    assert len(report["verdicts"]) == 3
+    assert len(report["verdicts"]) == len(report["control_verdicts"]) == 3
+    # The control opens the report, and each task's section: did the teacher help at all?
+    assert text.index("## Did distilling from the teacher help?") < text.index("## sst2")
+    for task in TASKS:
+        section = text[text.index(f"## {task}"):]
+        assert section.index("**Did the teacher help?**") < section.index("**White-box.**")
+    control = pd.read_csv(out_dir / "control.csv").set_index("task")
+    wide = students.pivot_table(index=["task", "seed"], columns="group", values="accuracy")
+    for task in TASKS:
+        diff = (wide.loc[task, "black_box"] - wide.loc[task, "task_only"]).mean()
+        assert control.loc[task, "mean_diff"] == pytest.approx(diff)
+    assert set(pairwise["group"]) == {"combined"}  # the control is not a white-box group
+    # What the study was: two tokenizers, so L_KD mapped across vocabularies; the labels.
+    assert report["kd_path"] == "map" and "mean unmapped teacher mass 0." in text
+    assert "sst2 30 of 120" in text
+    # What each group cost: time and throughput measured; the cache each group reads grows
+    # with the signals it needs (task_only: none; combined: hidden states and attention).
+    cost = pd.read_csv(out_dir / "cost.csv").set_index("group")
+    assert (cost["train_s"] > 0).all() and (cost["tokens_per_s"] > 0).all()
+    assert (cost["peak_memory_mb"] > 50).all()
+    assert cost.loc["task_only", "cache_mb"] < cost.loc["black_box", "cache_mb"] < cost.loc["combined", "cache_mb"]
+    assert cost.loc["task_only", "gain_sst2"] == 0
+    assert cost.loc["black_box", "gain_sst2"] == pytest.approx(control.loc["sst2", "mean_diff"])
+    # Learning curves: every trial scored its validation rows at its last step (20).
+    curves = pd.read_parquet(study["metadata"]["student_checkpoints"]["curves"])
+    assert set(curves["step"]) == {20} and len(curves[["group", "seed"]].drop_duplicates()) == TRIALS
+    assert {"val_loss", "val_sst2_accuracy", "val_gsm8k_loss"} <= set(curves["metric"])
+    assert "## Learning curves" in text and (out_dir / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert (out_dir / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -236,7 +265,7 @@ def test_a_grid_whose_run_was_killed_resumes_when_materialized_again(study, ray_
         if driver.poll() is None:
             driver.kill()
     finished = {key for key, status in states.items() if status == "TERMINATED"}
-    assert finished and len(finished) < len(states) == 4, states
+    assert finished and len(finished) < len(states) == TRIALS, states
     # The dead run's trials end when Ray sees their driver gone: wait until they free the CPUs,
     # so that none of them still logs or writes while the grid resumes.
     deadline = time.monotonic() + 120
@@ -253,12 +282,12 @@ def test_a_grid_whose_run_was_killed_resumes_when_materialized_again(study, ray_
                             resources=res, instance=study["instance"])
     assert result.success
     metadata = result.asset_materializations_for_node("student_checkpoints")[0].metadata
-    assert metadata["grid_key"].value == grid_key and metadata["trials"].value == 4
+    assert metadata["grid_key"].value == grid_key and metadata["trials"].value == TRIALS
     assert set(tune_dir.iterdir()) - earlier == {experiment_dir}  # the same Tune run, restored
     for key, written in before.items():  # not trained again: the same files, untouched
         assert _written(out_dir / f"{key[0]}-seed{key[1]}") == written, key
     trials = pd.read_parquet(out_dir / "trials.parquet")
-    assert trials["finished"].all() and len(trials) == 4
+    assert trials["finished"].all() and len(trials) == TRIALS
 
     client = MlflowClient(study["uri"])
     parent_id = metadata["mlflow_parent_run_id"].value
@@ -279,3 +308,26 @@ def test_a_grid_whose_run_was_killed_resumes_when_materialized_again(study, ray_
 
 def _written(checkpoint: Path) -> dict[str, tuple[int, int]]:
     return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in checkpoint.iterdir()}
+
+
+def test_compare_puts_two_studies_side_by_side_and_records_it_in_dagster(study, tmp_path):
+    """`kdbench compare`'s work: a study found by its preset in the instance, another given
+    by path (here the same study with combined lifted by 0.1 on every seed)."""
+    from orchestration.comparison import compare
+
+    table = pd.read_parquet(study["metadata"]["evaluation_table"]["path"])
+    lifted = table.assign(accuracy=table["accuracy"] + 0.1 * (table["group"] == "combined"))
+    path = tmp_path / "lifted" / "evaluation_table.parquet"
+    path.parent.mkdir()
+    lifted.to_parquet(path)
+    result = compare(["tiny", str(path)], study["instance"], tmp_path)
+    rows = result["table"].set_index(["task", "group"])
+    for task in TASKS:
+        assert rows.loc[(task, "combined"), "diff"] == pytest.approx(0.1)
+        assert rows.loc[(task, "combined"), "diff_of_diffs"] == pytest.approx(0.1)  # vs black_box
+        assert rows.loc[(task, "black_box"), "diff_of_diffs"] == pytest.approx(0.0)  # vs task_only
+    assert result["paths"]["report"].read_text().startswith("# lifted against tiny")
+    (record,) = study["instance"].fetch_materializations(dg.AssetKey("study_comparison"), limit=1).records
+    assert record.asset_materialization.metadata["a"].value == "tiny"
+    with pytest.raises(LookupError, match="kdbench demo --preset paper"):
+        compare(["paper", str(path)], study["instance"], tmp_path)
