@@ -150,7 +150,8 @@ def main() -> None:
         rows = sum(read_manifest(c)["rows"] for c in caches)
         steps = args.steps or max(1, rows // args.batch_size)  # each trial reads `rows` rows at most
         cfg = load_config("tiny", {"distill.steps": steps, "distill.batch_size": args.batch_size,
-                                   "distill.report_every": steps, "distill.checkpoint_every": steps})
+                                   "distill.report_every": steps, "distill.checkpoint_every": steps,
+                                   "distill.curve_every": 0})
         out = {"rows_1x": rows, "steps": steps, "batch_size": args.batch_size, "times": args.times}
         for label, dirs in (("1x", caches), (f"{args.times}x", tiled)):
             config = {"experiment": cfg.model_dump(mode="json"), "cache_dirs": [str(d) for d in dirs],

@@ -148,7 +148,9 @@ def trial_config(setup: dict, group: str, steps: int, report_every: int) -> dict
 
     cfg = load_config("tiny", {**setup["overrides"], "distill.steps": steps, "distill.distill_positions": "all",
                                "distill.report_every": report_every, "distill.checkpoint_every": report_every,
-                               "distill.resources_per_trial": {"cpu": 2}})
+                               "distill.resources_per_trial": {"cpu": 2},
+                               # every row labelled, no learning curve: the step alone is timed
+                               "distill.labelled_rows": None, "distill.curve_every": 0})
     return {"experiment": cfg.model_dump(mode="json"), "cache_dirs": [setup["cache_dir"]],
             "teacher_dir": setup["teacher_dir"], "student_tokenizer_dir": setup["student_tokenizer_dir"],
             "output_dir": "unused", "cache_version": "bench", "code_version": "bench", "mlflow": None,

@@ -53,7 +53,9 @@ def train_teacher(contexts, tokenizer, cfg: ExperimentConfig, log=lambda step, t
             answer = pad_batch([e.answer_mask for e in chosen], 0)[0].to(device)
             with autocast(device, cfg.precision):
                 logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-            ce = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none")
+            # On rows of the vocabulary (contiguous), as L_task: the [B, V, T] layout is slower.
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
+                                 reduction="none").view(ids.shape[0], -1)
             is_answer, is_prompt = answer[:, 1:], mask[:, 1:] * (1 - answer[:, 1:])
             loss = ((ce * is_answer).sum() / is_answer.sum().clamp_min(1)
                     + (ce * is_prompt).sum() / is_prompt.sum().clamp_min(1))
@@ -103,7 +105,10 @@ def prepare_teacher(cfg: ExperimentConfig, train_rows, out_dir, log=lambda step,
             info["parameters"] = sum(p.numel() for p in model.parameters())
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-        student_tokenizer = model_tokenizer(cfg.student, texts)
+        # The student's tokenizer spec equal to the teacher's: one tokenizer for both (the
+        # same-vocabulary pair, exact L_KD), not a second one trained alike.
+        same = cfg.student.tokenizer is not None and cfg.student.tokenizer == cfg.teacher.tokenizer
+        student_tokenizer = load_tokenizer(tmp) if same else model_tokenizer(cfg.student, texts)
         student_tokenizer.save_pretrained(tmp / "student_tokenizer")
         info["teacher_vocab"] = len(load_tokenizer(tmp))
         info["student_vocab"] = len(student_tokenizer)

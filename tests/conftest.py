@@ -29,6 +29,11 @@ def tiny_config():
         "data.eval_size": {"sst2": 16, "mmlu": 16, "gsm8k": 8},
         "teacher.train_epochs": 1, "distill.steps": 20, "distill.report_every": 5,
         "distill.checkpoint_every": 10, "distill.batch_size": 8,
+        # Every row labelled and no learning curve: the tests that want them set them.
+        "distill.labelled_rows": None, "distill.curve_every": 0,
+        # Vocabularies small for 144 rows, so that the two tokenizers cut words differently
+        # and chunks span several tokens (at the preset's sizes both keep these words whole).
+        "teacher.tokenizer.vocab_size": 600, "student.tokenizer.vocab_size": 560,
     })
 
 

@@ -3,7 +3,7 @@
 import re
 
 from distill_core.config import TASKS, load_config
-from distill_core.tasks import (DAYS, MMLU_LETTERS, SST2_CHOICES, final_number, generate_task)
+from distill_core.tasks import (_ANIMALS, _CITIES, _FOODS, MMLU_LETTERS, SST2_CHOICES, final_number, generate_task)
 
 
 def _cfg(**sizes):
@@ -51,20 +51,20 @@ def test_sst2_labels_follow_negation_and_the_clause_after_but():
 
 def test_mmlu_label_points_at_the_right_option():
     rows = generate_task("mmlu", _cfg())["train"]
-    assert set(rows["subject"]) == {"arithmetic", "comparison", "calendar", "biology"}
+    assert set(rows["subject"]) == {"comparison", "biology", "nutrition", "geography"}
+    classes = {"biology": _ANIMALS, "nutrition": _FOODS, "geography": _CITIES}
     for r in rows.itertuples():
         options = dict(re.findall(r"^([ABCD])\. (.+)$", r.prompt, flags=re.M))
         right = options[MMLU_LETTERS[r.label]]
         assert r.answer == f" {MMLU_LETTERS[r.label]}"
-        if r.subject == "arithmetic":
-            a, b = map(int, re.match(r"what is (\d+) plus (\d+)", r.prompt).groups())
-            assert int(right) == a + b
-        elif r.subject == "comparison":
+        if r.subject == "comparison":
             assert int(right) == max(int(v) for v in options.values())
-        elif r.subject == "calendar":
-            today = re.search(r"today is (\w+)", r.prompt).group(1)
-            step = 2 if "after tomorrow" in r.prompt else 1
-            assert right == DAYS[(DAYS.index(today) + step) % 7]
+        else:  # the one option of the class asked for; every other option of another class
+            cls = re.search(r" (\w+) \?", r.prompt).group(1)
+            members = classes[r.subject]
+            assert right in members[cls]
+            assert all(v not in members[cls] for k, v in options.items() if v != right)
+            assert {next(c for c, m in members.items() if v in m) for v in options.values()} == set(members)
 
 
 def test_gsm8k_answers_end_with_the_final_number_that_the_steps_compute():
