@@ -12,6 +12,7 @@ import pandas as pd
 
 from distill_core import statistics
 from distill_core.cross_vocab import VocabularyBridge
+from distill_core.study_design import ALL_GROUPS
 from distill_core.teacher_cache import read_vocabulary_map
 from distill_core.trial_cost import cache_bytes
 
@@ -64,7 +65,7 @@ def cost_table(students: pd.DataFrame, trials: pd.DataFrame, group_cache_bytes: 
                 gain = float((wide.loc[task, group] - wide.loc[task, statistics.CONTROL]).mean())
             row[f"gain_{task}"] = gain
         rows.append(row)
-    order = {g: i for i, g in enumerate(statistics.ALL_GROUPS)}
+    order = {g: i for i, g in enumerate(ALL_GROUPS)}
     return pd.DataFrame(rows).sort_values("group", key=lambda c: c.map(order)).reset_index(drop=True)
 
 
@@ -73,7 +74,7 @@ def curve_means(curves: pd.DataFrame) -> pd.DataFrame:
     if curves.empty:
         return pd.DataFrame()
     wide = curves.pivot_table(index=["group", "step"], columns="metric", values="value", aggfunc="mean")
-    order = {g: i for i, g in enumerate(statistics.ALL_GROUPS)}
+    order = {g: i for i, g in enumerate(ALL_GROUPS)}
     wide = wide.reset_index().sort_values(["group", "step"], key=lambda c: c.map(order) if c.name == "group" else c)
     metrics = ["val_loss"] + sorted(c for c in wide.columns if c.endswith("_accuracy"))
     return wide[["group", "step"] + [m for m in metrics if m in wide]].reset_index(drop=True)

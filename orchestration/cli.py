@@ -97,7 +97,7 @@ def compare(args: argparse.Namespace) -> int:
     console.instance_home()
     with dg.DagsterInstance.get() as instance:
         try:
-            result = compare_studies(args.studies, instance, storage_root(""))
+            result = compare_studies(args.studies, instance, storage_root("") / "artifacts")
         except (LookupError, FileNotFoundError) as err:
             print(err, file=sys.stderr)
             return 2

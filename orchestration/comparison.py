@@ -38,8 +38,9 @@ def evaluation_table_of(study: str, instance: dg.DagsterInstance) -> tuple[str, 
 
 
 def compare(studies: list[str], instance: dg.DagsterInstance, out_root: Path) -> dict:
-    """Compare study b = studies[1] against a = studies[0]; the table, the paths, and the
-    materialization recorded for `study_comparison`."""
+    """Compare study b = studies[1] against a = studies[0], written under
+    `out_root`/comparisons/; the table and the paths. Records a materialization of
+    `study_comparison`."""
     (name_a, path_a), (name_b, path_b) = (evaluation_table_of(s, instance) for s in studies)
     out_dir = Path(out_root) / "comparisons" / f"{name_a}--{name_b}"
     result = study_comparison.write_comparison(pd.read_parquet(path_a), pd.read_parquet(path_b),

@@ -1,7 +1,6 @@
 """Learning curves: validation points reported through Tune at curve_every steps, and a trial
 that scores them trains exactly as one that does not."""
 
-import pandas as pd
 import torch
 from safetensors.torch import load_file
 
@@ -41,4 +40,3 @@ def test_curves_are_reported_and_leave_the_training_unchanged(tmp_path, ray_loca
     assert accuracy.between(0, 1).all()
     assert (curves[curves["metric"] == "val_loss"]["value"] > 0).all()
     assert curves_table([histories[0]]).empty
-    assert isinstance(curves, pd.DataFrame)

@@ -57,3 +57,28 @@ def _estimate(preset, capsys) -> dict:
 def test_estimate_says_when_a_preset_exceeds_its_budget(capsys):
     assert main(["estimate", "--preset", "paper", "--set", "cache.budget_gib=1"]) == 0
     assert json.loads(capsys.readouterr().out)["within_budget"] is False
+
+
+def test_compare_writes_two_studies_side_by_side_under_the_storage_root(capsys, tmp_path, monkeypatch):
+    import pandas as pd
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    monkeypatch.setenv("KDBENCH_STORAGE_ROOT", str(tmp_path / "store"))
+    (tmp_path / "dagster_home").mkdir()
+    paths = []
+    for name, lift in (("a", 0.0), ("b", 0.2)):
+        rows = [{"model": f"{g}-seed{s}", "group": g, "seed": s, "task": "sst2",
+                 "accuracy": 0.5 + 0.01 * s + (lift if g == "black_box" else 0.0)}
+                for g in ("task_only", "black_box") for s in range(3)]
+        path = tmp_path / name / "evaluation_table.parquet"
+        path.parent.mkdir()
+        pd.DataFrame(rows).to_parquet(path)
+        paths.append(str(path))
+    assert main(["compare", *paths]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# b against a")
+    table = pd.read_csv(tmp_path / "store" / "artifacts" / "comparisons" / "a--b" / "comparison.csv")
+    assert table.set_index("group").loc["black_box", "diff_of_diffs"] == pytest.approx(0.2)
+    assert main(["compare", "tiny", paths[1]]) == 2  # no tiny study in this instance
+    assert "kdbench demo --preset tiny" in capsys.readouterr().err
