@@ -7,14 +7,7 @@ reports the parent's peak as its own when its own is lower.
 
 from __future__ import annotations
 
-from pathlib import Path
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from distill_core.trial_cost import status_mb as _status_mb  # one reader of /proc/self/status
 
 
 def peak_rss_mb() -> float:

@@ -84,6 +84,7 @@ class TeacherCacheReader:
             for i, task in enumerate(self.tasks):
                 self.labelled[i] = seen.get(task, 0) < labelled_rows.get(task, 0)
                 seen[task] = seen.get(task, 0) + 1
+        self.all_labelled = bool(self.labelled.all())
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -134,7 +135,8 @@ class TeacherCacheReader:
             topk_logprobs[chunk_real] = _bf16_values(rows["topk_logprobs"])[0].view(-1, k).to(self.signal_dtype)
         task_mask = torch.zeros_like(answer)
         task_mask[:, :-1] = answer[:, 1:]
-        task_mask[torch.from_numpy(~self.labelled[np.asarray(indices, dtype=np.int64)])] = 0
+        if not self.all_labelled:
+            task_mask[torch.from_numpy(~self.labelled[np.asarray(indices, dtype=np.int64)])] = 0
         chunks_are_tokens = c == t and bool(((token_chunk == torch.arange(t)) | ~real).all())
         return Batch(ids, real.long(), task_mask, ends, distill, token_chunk, hidden, attention,
                      queries, topk_ids, topk_logprobs, chunks_are_tokens)

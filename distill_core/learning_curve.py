@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from distill_core.device import autocast
 from distill_core.encoding import encode_examples, pad_batch
 from distill_core.evaluation import evaluate_task
+from distill_core.losses import L_task
 from distill_core.teacher_cache import training_contexts
 
 
@@ -31,10 +31,9 @@ def answer_loss(model, tokenizer, rows: pd.DataFrame, max_length: int, batch_siz
         answer = pad_batch([e.answer_mask for e in chunk], 0)[0]
         ids, mask, answer = (t.to(model.device) for t in (ids, mask, answer))
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1),
-                             reduction="none").view(ids.shape[0], -1)
-        total += float((ce * answer[:, 1:]).sum())
-        count += int(answer[:, 1:].sum())
+        tokens = int(answer[:, 1:].sum())  # L_task's mean over this batch's answer tokens, weighted
+        total += float(L_task(logits, ids[:, 1:], answer[:, 1:])) * tokens
+        count += tokens
     return total / max(count, 1)
 
 

@@ -9,6 +9,7 @@ its trial starts (Linux: writing 5 to /proc/self/clear_refs).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -27,16 +28,21 @@ def reset_peak_memory(device: torch.device) -> None:
         pass
 
 
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
+def status_mb(field: str) -> float:
+    """A size field of /proc/self/status (VmHWM, RssAnon, ...) in MB; NaN where there is none."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
     return float("nan")
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return status_mb("VmHWM")
 
 
 class TrialMeter:
@@ -59,18 +65,14 @@ class TrialMeter:
         """A step's real (not padding) student tokens; summed on the device, no sync."""
         self._tokens += attention_mask.sum()
 
+    @contextlib.contextmanager
     def excluding(self):
         """A block whose wall time is not the trial's training time (validation scoring)."""
-        meter = self
-
-        class _Paused:
-            def __enter__(self):
-                meter.state()
-
-            def __exit__(self, *exc):
-                meter._since = time.perf_counter()
-
-        return _Paused()
+        self.state()
+        try:
+            yield
+        finally:
+            self._since = time.perf_counter()
 
     def state(self) -> dict:
         """seconds, tokens, tokens_per_s and peak_mb so far (one device sync)."""
